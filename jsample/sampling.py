@@ -1,0 +1,278 @@
+"""The public samplers: ``sample``, ``sample_from_uniform``, ``probs`` and ``log_probs``.
+
+Each public function checks its inputs in Python (eagerly, with errors that name the argument),
+flattens the batch to ``[rows, vocab]`` and calls one private jitted function whose only static
+arguments are the top-p rule and the candidate count. Parameter values are traced, so new values
+reuse the compiled program.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jax import lax
+
+from jsample import cutoff, draw, validation
+from jsample.params import FIELD_DTYPES, SamplingParams
+from jsample.selection import first_argmax, is_clean, make_layout, sanitize_logits
+
+# Rows are processed in blocks of about this many bytes of float32 logits. XLA's CPU backend
+# materialises the operand of a reduction, and a temporary above glibc's 32 MiB mmap threshold
+# is freshly mapped (and page-faulted) on every call; small blocks also stay in cache.
+_BLOCK_BYTES = 4 << 20
+
+
+def _prepare(fn: str, logits: Any, params: SamplingParams):
+    """Checks inputs; returns ``(x [N, V], [t, k, p, min_p] each [N], batch_shape)``."""
+    logits = validation.check_logits(logits, fn)
+    validation.check_params(params)
+    batch_shape = tuple(logits.shape[:-1])
+    values = [
+        validation.broadcast_param(name, getattr(params, name), batch_shape, dtype).reshape(-1)
+        for name, dtype in FIELD_DTYPES.items()
+    ]
+    return logits.reshape(-1, logits.shape[-1]), values, batch_shape
+
+
+def _on_clean_logits(logits, fn):
+    """Runs ``fn(layout)`` on float32 logits, sanitising them only when some row needs it.
+
+    NaN and ``+inf`` show up in the chunk maxima, so the common clean case reads the logits as
+    they are: a sanitising select in every pass would cost several times a plain pass on CPU.
+    """
+    x = logits.astype(jnp.float32)
+    layout = make_layout(x)
+    return lax.cond(
+        is_clean(layout.chunk_max),
+        lambda: fn(layout),
+        lambda: fn(make_layout(sanitize_logits(x))),
+    )
+
+
+def _block_rows(rows: int, vocab: int) -> int:
+    """Rows per block: a divisor of ``rows`` so no padded copy is made."""
+    target = max(1, _BLOCK_BYTES // (4 * vocab))
+    if target >= rows:
+        return rows
+    return max(d for d in range(1, target + 1) if rows % d == 0)
+
+
+def in_row_blocks(fn, x, *per_row):
+    """``fn(x, *per_row)`` applied to blocks of rows with ``lax.map``; results are re-joined."""
+    n, vocab = x.shape
+    size = _block_rows(n, vocab)
+    if size == n:
+        return fn(x, *per_row)
+    split = lambda a: a.reshape(n // size, size, *a.shape[1:])
+    out = lax.map(lambda args: fn(*args), tuple(split(a) for a in (x, *per_row)))
+    return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+
+
+def _rows(layout, temperature, top_k, top_p, min_p) -> cutoff.Rows:
+    return cutoff.prepare_rows(layout, temperature, top_k, top_p, min_p)
+
+
+def _sample_layout(layout, u, params, rule, count):
+    rows = _rows(layout, *params)
+    n = u.shape[0]
+    zeros = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
+    plain = rows.greedy | ~rows.valid
+
+    def sampled():
+        cands, use_candidates, threshold = cutoff.resolve(rows, rule, count)
+        from_candidates = cutoff.run_if(
+            jnp.any(use_candidates), lambda: draw.draw_candidates(rows, cands, u), zeros
+        )
+        # Rows left over either have no filter (threshold LOWEST) or a full-vocabulary threshold.
+        from_chunks = cutoff.run_if(
+            jnp.any(~use_candidates & ~plain), lambda: draw.draw_chunked(rows, threshold, u), zeros
+        )
+        return tuple(jnp.where(use_candidates, a, b) for a, b in zip(from_candidates, from_chunks))
+
+    token, logprob = cutoff.run_if(jnp.any(~plain), sampled, zeros)
+    token = jnp.where(plain, rows.greedy_tokens(), token)
+    # Greedy rows drew their token with probability 1; rows without a finite logit are flagged.
+    logprob = jnp.where(rows.greedy, 0.0, logprob)
+    logprob = jnp.where(rows.valid, logprob, -jnp.inf)
+    return token, logprob
+
+
+def _greedy_layout(layout):
+    row_max = layout.chunk_max.max(axis=-1)
+    logprob = jnp.where(row_max > -jnp.inf, 0.0, -jnp.inf)
+    return first_argmax(layout, row_max), logprob
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "count"))
+def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
+    params = validation.sanitize_params(temperature, top_k, top_p, min_p)
+
+    def sample_block(xb, ub, *pb):
+        return _on_clean_logits(xb, lambda layout: _sample_layout(layout, ub, pb, rule, count))
+
+    return lax.cond(
+        jnp.all(params[0] == 0),
+        lambda: _greedy_rows(x),
+        lambda: in_row_blocks(sample_block, x, u, *params),
+    )
+
+
+def _greedy_rows(x):
+    """An all-greedy batch: one max pass over the whole batch, no filters.
+
+    Only clean float32 logits skip the row blocks: a sanitised or upcast copy of the whole
+    batch would be a temporary large enough to be page-faulted on every call.
+    """
+    blocked = lambda: in_row_blocks(lambda xb: _on_clean_logits(xb, _greedy_layout), x)
+    if x.dtype != jnp.float32:
+        return blocked()
+    layout = make_layout(x)
+    return lax.cond(is_clean(layout.chunk_max), lambda: _greedy_layout(layout), blocked)
+
+
+def kept_mask(rows: cutoff.Rows, rule: str, count: int) -> jax.Array:
+    """bool ``[N, V]``: the tokens each row keeps (one-hot for greedy rows, none for invalid)."""
+    _, _, threshold = cutoff.resolve(rows, rule, count)
+    values = rows.layout.x[:, : rows.layout.vocab]
+    vocab_ids = jnp.arange(rows.layout.vocab, dtype=jnp.int32)
+    greedy = vocab_ids == rows.greedy_tokens()[:, None]
+    keep = jnp.where(rows.greedy[:, None], greedy, rows.keep(values, threshold))
+    return keep & rows.valid[:, None]
+
+
+def _log_probs_layout(layout, params, rule, count):
+    rows = _rows(layout, *params)
+    keep = kept_mask(rows, rule, count)
+    # Greedy rows have temperature 1 here, so their single kept token gets log-probability 0.
+    scaled = rows.scaled(layout.x[:, : layout.vocab])
+    log_mass = jnp.log(jnp.sum(jnp.where(keep, jnp.exp(scaled), 0.0), axis=1, keepdims=True))
+    return jnp.where(keep, scaled - log_mass, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "count"))
+def _log_probs_rows(x, temperature, top_k, top_p, min_p, *, rule, count):
+    params = validation.sanitize_params(temperature, top_k, top_p, min_p)
+
+    def block(xb, *pb):
+        return _on_clean_logits(xb, lambda layout: _log_probs_layout(layout, pb, rule, count))
+
+    return in_row_blocks(block, x, *params)
+
+
+def _uniforms(fn: str, key: Any, batch_shape: tuple[int, ...]) -> jax.Array:
+    key, batched = validation.check_key(key, batch_shape, fn)
+    if batched:
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key.reshape(-1))
+    else:
+        u = jax.random.uniform(key, (math.prod(batch_shape),), jnp.float32)
+    return u
+
+
+def _finish(token, logprob, batch_shape, return_logprobs):
+    token = token.reshape(batch_shape)
+    if return_logprobs:
+        return token, logprob.reshape(batch_shape)
+    return token
+
+
+def sample(key: jax.Array, logits: jax.Array, params: SamplingParams | None = None, *,
+           return_logprobs: bool = False):
+    """Samples one token per row of ``logits``.
+
+    Applies temperature -> top-k -> top-p -> min-p (see :class:`SamplingParams`), then draws from
+    the remaining distribution, which is exactly :func:`probs`. Runs under ``jit``, ``vmap``,
+    ``scan`` and ``while_loop``; parameter values are traced and never recompile.
+
+    Args:
+      key: one PRNG key (``jax.random.key`` or legacy ``jax.random.PRNGKey``), or one key per row
+        with shape ``logits.shape[:-1]``. With one key per row, row ``b``'s token depends only on
+        ``key[b]`` and ``logits[b]``. With one key, the rows draw independent uniforms from it.
+      logits: float ``[..., vocab]`` (float32, bfloat16 or float16; math is in float32). NaN
+        logits count as ``-inf``.
+      params: a :class:`SamplingParams`; ``None`` samples from ``softmax(logits)``.
+      return_logprobs: also return the log-probability of each token under :func:`probs`.
+
+    Returns:
+      int32 ``[...]`` tokens, or ``(tokens, logprobs)`` with float32 ``[...]`` logprobs. A row
+      with no finite logit returns token 0 with logprob ``-inf``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jsample as js
+      >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.0, 3.0, 0.0]])
+      >>> js.sample(jax.random.key(0), logits, js.SamplingParams(temperature=0.0)).tolist()
+      [0, 1]
+    """
+    params = SamplingParams() if params is None else params
+    x, values, batch_shape = _prepare("jsample.sample", logits, params)
+    u = _uniforms("jsample.sample", key, batch_shape)
+    token, logprob = _sample_rows(u, x, *values, rule=params.top_p_rule, count=params.candidates)
+    return _finish(token, logprob, batch_shape, return_logprobs)
+
+
+def sample_from_uniform(u: jax.Array, logits: jax.Array, params: SamplingParams | None = None, *,
+                        return_logprobs: bool = False):
+    """Inverse-CDF sampling: the first token whose cumulative probability exceeds ``u``.
+
+    The cumulative sum runs over :func:`probs` in vocabulary order, exactly as a PyTorch
+    ``torch.searchsorted(probs.cumsum(-1), u, right=True)`` over the same distribution would, so
+    a PyTorch run can be replayed token for token (up to float rounding at a boundary).
+    :func:`sample` is this function applied to ``jax.random.uniform`` draws.
+
+    Args:
+      u: float ``[...]`` in ``[0, 1)``, one per row (the batch shape of ``logits``).
+      logits: float ``[..., vocab]``.
+      params: a :class:`SamplingParams`; ``None`` means plain softmax.
+      return_logprobs: also return each token's log-probability.
+
+    Example:
+      >>> import jax.numpy as jnp, jsample as js
+      >>> logits = jnp.log(jnp.array([0.5, 0.25, 0.25]))
+      >>> [int(js.sample_from_uniform(jnp.float32(u), logits)) for u in (0.1, 0.6, 0.9)]
+      [0, 1, 2]
+    """
+    params = SamplingParams() if params is None else params
+    x, values, batch_shape = _prepare("jsample.sample_from_uniform", logits, params)
+    u = jnp.asarray(u, jnp.float32)
+    if u.shape != batch_shape:
+        raise ValueError(
+            f"jsample.sample_from_uniform: u must have the logits' batch shape {batch_shape}, "
+            f"got {tuple(u.shape)}."
+        )
+    token, logprob = _sample_rows(u.reshape(-1), x, *values, rule=params.top_p_rule,
+                                  count=params.candidates)
+    return _finish(token, logprob, batch_shape, return_logprobs)
+
+
+def log_probs(logits: jax.Array, params: SamplingParams | None = None) -> jax.Array:
+    """float32 ``[..., vocab]``: log of :func:`probs`, ``-inf`` on removed tokens.
+
+    Example:
+      >>> import jax.numpy as jnp, jsample as js
+      >>> lp = js.log_probs(jnp.array([1.0, 2.0, 3.0]), js.SamplingParams(top_k=2))
+      >>> bool(jnp.isneginf(lp[0]))
+      True
+    """
+    params = SamplingParams() if params is None else params
+    x, values, batch_shape = _prepare("jsample.log_probs", logits, params)
+    logp = _log_probs_rows(x, *values, rule=params.top_p_rule, count=params.candidates)
+    return logp.reshape(*batch_shape, x.shape[-1])
+
+
+def probs(logits: jax.Array, params: SamplingParams | None = None) -> jax.Array:
+    """float32 ``[..., vocab]``: the exact distribution :func:`sample` draws from.
+
+    Rows sum to 1 (a row with no finite logit is all zeros); removed tokens are exactly 0;
+    greedy rows (``temperature=0``) are one-hot at the first maximum.
+
+    Example:
+      >>> import jax.numpy as jnp, jsample as js
+      >>> p = js.probs(jnp.log(jnp.array([0.5, 0.25, 0.125, 0.125])), js.SamplingParams(top_p=0.6))
+      >>> [round(float(v), 3) for v in p]
+      [0.667, 0.333, 0.0, 0.0]
+    """
+    return jnp.exp(log_probs(logits, params))
