@@ -107,8 +107,12 @@ def top_candidates(layout: Layout, count: int) -> tuple[jax.Array, jax.Array]:
 
 def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """``lax.top_k`` behind a barrier: XLA's CPU backend lowers top-k to a full sort plus a slice
-    and only restores its fast TopK kernel when nothing fuses into that slice."""
-    return lax.optimization_barrier(lax.top_k(x, k))
+    and only restores its fast TopK kernel when nothing fuses into that slice.
+
+    One barrier per output: a barrier over the top-k tuple itself crashes XLA's CPU compiler
+    (TopkDecomposer) when the program is partitioned, e.g. inside ``jax.shard_map``."""
+    values, indices = lax.top_k(x, k)
+    return lax.optimization_barrier(values), lax.optimization_barrier(indices)
 
 
 def _to_order(v: jax.Array) -> jax.Array:
