@@ -15,7 +15,7 @@ TopPRule = Literal["inclusive", "exclusive"]
 TOP_P_RULES = ("inclusive", "exclusive")
 DEFAULT_CANDIDATES = 64
 
-# name -> (dtype, off value, allowed range text). The range checks live in validation.py.
+# The traced fields and the dtype each is stored in; their range checks live in validation.py.
 FIELD_DTYPES = {
     "temperature": np.float32,
     "top_k": np.int32,
