@@ -11,7 +11,14 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import pathlib  # noqa: E402
+
 import hypothesis  # noqa: E402
+import jax  # noqa: E402
+
+# Compiled programs are cached on disk: the two xdist workers share them, and reruns start warm.
+jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(__file__).parents[1] / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 # Deterministic property tests: the same examples on every run and machine, no timing deadline
 # (the first example of each shape pays for XLA compilation).
