@@ -220,10 +220,10 @@ ROWS_PER_CASE = 4096
 VOCAB = 97
 # (kind, temperature, top_k, top_p in the seed's convention, min_p for the inclusive rule)
 CASES = (
-    ("wide", 0.7, 20, 0.8, 0.0),
-    ("flat", 1.0, 0, 0.95, 0.0),
-    ("peaked", 1.7, 7, 0.5, 0.0),
-    ("wide", 1.3, VOCAB, 0.3, 0.05),
+    ("wide", 1.5, 20, 0.8, 0.0),
+    ("flat", 1.0, 0, 0.95, 0.0),  # ~90 kept tokens: beyond the candidates, the full-vocabulary path
+    ("peaked", 2.5, 7, 0.95, 0.0),
+    ("wide", 2.0, VOCAB, 0.7, 0.05),
 )
 
 
@@ -274,7 +274,7 @@ def test_sampled_tokens_match_torch_multinomial_on_the_reference(rule, case_rows
     other = _reference("inclusive" if rule == "exclusive" else "exclusive", x, t, k, p, m)
     distance = 0.5 * (other - reference).abs().sum(dim=1)
     case = int(distance.argmax())
-    assert distance[case] > 0.1
+    assert distance[case] > 0.02
     other_tokens = torch.multinomial(other[case], ROWS_PER_CASE, replacement=True, generator=gen)
     assert _two_sample_chi2(ours[case], other_tokens.numpy()) < 1e-6
 
