@@ -13,6 +13,7 @@ from jsample.sampling import log_probs as log_probs
 from jsample.sampling import probs as probs
 from jsample.sampling import sample as sample
 from jsample.sampling import sample_from_uniform as sample_from_uniform
+from jsample.sharding import sample_sharded as sample_sharded
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,5 @@ __all__ = [
     "probs",
     "sample",
     "sample_from_uniform",
+    "sample_sharded",
 ]

@@ -1,0 +1,222 @@
+"""jsample.sample_sharded: the tokens of jsample.sample, drawn from logits split over a device mesh.
+
+Runs on the 8 simulated CPU devices of conftest.py, over meshes (data, model) = (8, 1), (1, 8)
+and (2, 4). Every row of the batch has its own parameter mix, so one compiled program per mesh
+covers greedy, temperature only, top-k, top-p, min-p, their combinations, both tiers of the
+cutoff (candidates and the full-vocabulary bisection) and rows with NaN, +inf or no finite logit.
+"""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jsample as js
+
+B, V = 16, 4096
+MESHES = [(8, 1), (1, 8), (2, 4)]
+
+# One parameter mix per row: (temperature, top_k, top_p, min_p).
+MIX = [
+    (0.0, 0, 1.0, 0.0),  # greedy
+    (1.0, 0, 1.0, 0.0),  # plain softmax: drawn over the whole vocabulary
+    (0.6, 0, 1.0, 0.0),  # temperature only
+    (1.0, 1, 1.0, 0.0),
+    (1.0, 50, 1.0, 0.0),
+    (1.0, 200, 1.0, 0.0),  # top-k above the 64 candidates: exact bisection tier
+    (1.0, 0, 0.9, 0.0),  # top-p without top-k: needs the softmax normaliser of the whole row
+    (1.0, 0, 0.75, 0.0),  # an exact top-p boundary on the dyadic row of the "special" logits
+    (1.0, 0, 1.0, 0.1),
+    (1.5, 0, 1.0, 0.05),
+    (0.9, 40, 0.9, 0.02),
+    (1.0, 0, 0.0, 0.0),  # top-p 0 keeps the top token
+    (1.0, 0, 0.999, 0.0),  # wide nucleus: bisection on flat logits
+    (1.0, V, 1.0, 0.0),  # top-k = vocab is off; an all -inf row in the "special" logits
+    (0.0, 5, 0.5, 0.0),  # greedy wins over the filters
+    (1.0, 100, 0.95, 0.0),  # top-k and top-p both beyond the candidates
+]
+
+
+def _params(rule="inclusive"):
+    t, k, p, m = (np.array(col) for col in zip(*MIX))
+    return js.SamplingParams(
+        temperature=t.astype(np.float32), top_k=k.astype(np.int32), top_p=p.astype(np.float32),
+        min_p=m.astype(np.float32), top_p_rule=rule,
+    )
+
+
+def _family(name, seed):
+    rng = np.random.default_rng(seed)
+    if name == "normal":
+        x = rng.normal(0.0, 2.0, (B, V))
+    elif name == "ties":  # half-integer logits: ties at every cutoff and at the row maximum
+        x = np.round(rng.normal(0.0, 2.0, (B, V)) * 2) / 2
+    elif name == "flat":  # wide nuclei: top-p rows fall back to the bisection tier
+        x = rng.normal(0.0, 0.1, (B, V))
+    else:  # "special"
+        x = rng.normal(0.0, 2.0, (B, V))
+        x[0, [900, 2600]] = 50.0  # greedy: a maximum tied across shards, the first one wins
+        x[1, 7] = np.nan
+        x[2, [100, 3000]] = np.inf  # +inf ties for the top
+        x[7] = -np.inf  # masses 1/2, 1/4, 1/8, 1/8 spread over the shards; top-p 0.75 is exact
+        x[7, [4000, 1500, 600, 2900]] = np.log([0.5, 0.25, 0.125, 0.125])
+        x[13] = -np.inf
+    return x.astype(np.float32)
+
+
+FAMILIES = ["normal", "ties", "flat", "special"]
+
+
+def _mesh(shape):
+    return jax.make_mesh(shape, ("data", "model"))
+
+
+def _place(x, mesh, spec=P("data", "model")):
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def _assert_same(key, x, params, mesh, **axes):
+    want, want_lp = js.sample(key, x, params, return_logprobs=True)
+    got, got_lp = js.sample_sharded(key, _place(x, mesh, P(axes.get("batch_axis", "data"),
+                                                            axes.get("vocab_axis", "model"))),
+                                    params, mesh=mesh, return_logprobs=True, **axes)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Log-probabilities agree to float rounding: the normalisers are sums in another order.
+    np.testing.assert_allclose(np.asarray(got_lp), np.asarray(want_lp), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"mesh{s[0]}x{s[1]}")
+def test_tokens_equal_unsharded_sampling(shape):
+    mesh = _mesh(shape)
+    params = _params()
+    for i, name in enumerate(FAMILIES):
+        x = _family(name, seed=i)
+        for seed in range(3):
+            _assert_same(jax.random.key(10 * i + seed), x, params, mesh)
+
+
+def test_exclusive_top_p_rule():
+    mesh = _mesh((1, 8))
+    params = _params("exclusive")
+    for i, name in enumerate(FAMILIES):
+        _assert_same(jax.random.key(i), _family(name, seed=i), params, mesh)
+
+
+def test_one_key_per_row():
+    mesh = _mesh((2, 4))
+    params = _params()
+    for i, name in enumerate(FAMILIES):
+        keys = jax.random.split(jax.random.key(100 + i), B)
+        _assert_same(keys, _family(name, seed=i), params, mesh)
+
+
+def test_whole_mesh_on_the_vocabulary_and_replicated_rows():
+    # Both mesh axes split the vocabulary (a tuple of axis names); every device holds all rows.
+    mesh = _mesh((2, 4))
+    _assert_same(jax.random.key(7), _family("normal", seed=7), _params(), mesh,
+                 vocab_axis=("data", "model"), batch_axis=None)
+
+
+def test_runs_inside_jit_and_returns_batch_sharded_tokens():
+    mesh = _mesh((2, 4))
+    params = _params()
+    x = _family("normal", seed=0)
+    fn = jax.jit(lambda key, logits: js.sample_sharded(key, logits, params, mesh=mesh))
+    tokens = fn(jax.random.key(3), _place(x, mesh))
+    np.testing.assert_array_equal(tokens, js.sample(jax.random.key(3), x, params))
+    assert tokens.sharding.spec == P("data")
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(.+?)\s+(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\("
+)
+
+
+def collectives(hlo: str):
+    """``(op, dims)`` of every collective in compiled HLO text (tuple results give several)."""
+    found = []
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m:
+            for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", m.group(1)):
+                found.append((m.group(2), tuple(int(d) for d in dims.split(",") if d)))
+    return found
+
+
+def test_collectives_parser_sees_a_full_vocabulary_gather():
+    # The HLO check below can fail: gathering the logits shows up with the vocabulary size.
+    mesh = _mesh((2, 4))
+    gather = jax.shard_map(
+        lambda x: lax.all_gather(x, "model", axis=1, tiled=True),
+        mesh=mesh, in_specs=P("data", "model"), out_specs=P("data"), check_vma=False,
+    )
+    hlo = jax.jit(gather).lower(_place(jnp.zeros((B, V)), mesh)).compile().as_text()
+    assert ("all-gather", (B // 2, V)) in collectives(hlo)
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4)], ids=lambda s: f"mesh{s[0]}x{s[1]}")
+def test_compiled_hlo_moves_no_vocabulary_sized_array(shape):
+    mesh = _mesh(shape)
+    params = _params()
+    fn = jax.jit(lambda key, logits: js.sample_sharded(key, logits, params, mesh=mesh))
+    hlo = fn.lower(jax.random.key(0), _place(jnp.zeros((B, V)), mesh)).compile().as_text()
+    found = collectives(hlo)
+    ops = {op for op, _ in found}
+    assert {"all-gather", "all-reduce"} <= ops  # the candidate pool and the row statistics
+    rows = B // shape[0]
+    for op, dims in found:
+        # No full-vocabulary dimension, and nothing near it in size: the largest exchange is
+        # the candidate pool (8 shards x 64 candidates = an eighth of this vocabulary).
+        assert V not in dims and math.prod(dims) <= rows * V // 4, (op, dims)
+
+
+class TestErrors:
+    @pytest.fixture(autouse=True)
+    def setup(self):
+        self.mesh = _mesh((2, 4))
+        self.x = jnp.zeros((B, V))
+
+    def call(self, x=None, key=None, params=None, **kwargs):
+        kwargs.setdefault("mesh", self.mesh)
+        return js.sample_sharded(jax.random.key(0) if key is None else key,
+                                 self.x if x is None else x, params, **kwargs)
+
+    def test_mesh_must_be_a_mesh(self):
+        with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+            self.call(mesh=jax.devices())
+
+    def test_unknown_axis_is_named(self):
+        with pytest.raises(ValueError, match=r"vocab_axis='tp' is not an axis of the mesh"):
+            self.call(vocab_axis="tp")
+        with pytest.raises(ValueError, match=r"batch_axis='dp'"):
+            self.call(batch_axis="dp")
+        with pytest.raises(TypeError, match="vocab_axis must be a mesh axis name"):
+            self.call(vocab_axis=3)
+
+    def test_one_axis_cannot_split_both_dimensions(self):
+        with pytest.raises(ValueError, match="both use mesh axis 'model'"):
+            self.call(batch_axis=("data", "model"))
+
+    def test_sizes_must_divide(self):
+        with pytest.raises(ValueError, match=r"vocabulary size 4094 .* 4 devices along vocab_axis"):
+            self.call(x=jnp.zeros((B, V - 2)))
+        with pytest.raises(ValueError, match=r"batch size 3 .* 2 devices along batch_axis"):
+            self.call(x=jnp.zeros((3, V)))
+
+    def test_logits_must_be_two_dimensional(self):
+        with pytest.raises(ValueError, match=r"shape \[batch, vocab\]"):
+            self.call(x=jnp.zeros((2, B, V)))
+
+    def test_key_and_params_are_checked(self):
+        with pytest.raises(ValueError, match="one key per row"):
+            self.call(key=jax.random.split(jax.random.key(0), 3))
+        with pytest.raises(ValueError, match="SamplingParams.top_k has shape"):
+            self.call(params=js.SamplingParams(top_k=np.ones(3, np.int32)))
+        with pytest.raises(TypeError, match="params must be a jsample.SamplingParams"):
+            self.call(params={"top_k": 3})
