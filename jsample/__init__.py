@@ -4,6 +4,7 @@ Temperature, top-k, top-p (nucleus) and min-p filtering and the draw itself, as 
 with explicit PRNG keys that run under ``jit``/``vmap``/``scan`` on CPU, GPU and TPU.
 """
 
+from jsample.checked import checked as checked
 from jsample.params import SamplingParams as SamplingParams
 from jsample.processors import apply_temperature as apply_temperature
 from jsample.processors import mask_min_p as mask_min_p
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SamplingParams",
     "apply_temperature",
+    "checked",
     "log_probs",
     "mask_min_p",
     "mask_top_k",

@@ -23,6 +23,9 @@ def pick(weights: jax.Array, target: jax.Array, cum: jax.Array | None = None) ->
     total, the last positive weight is chosen, so a zero-weight position is never returned for
     a row with positive mass.
     """
+    # A target below 0 (or NaN) would pick position 0 even when its weight is 0. The chunked draw
+    # makes one by rounding: its in-chunk target ``target - before`` can come out slightly negative.
+    target = jnp.where(target > 0, target, 0.0)
     cum = jnp.cumsum(weights, axis=-1) if cum is None else cum
     position = jnp.sum(cum <= target[:, None], axis=-1)
     slots = jnp.arange(weights.shape[-1], dtype=jnp.int32)

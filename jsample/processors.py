@@ -32,6 +32,7 @@ def _apply_layout(layout, params, rule, divide):
 
 @functools.partial(jax.jit, static_argnames=("rule", "divide"))
 def _apply_rows(x, temperature, top_k, top_p, min_p, *, rule, divide):
+    validation.report_logits(x)
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)
 
     def block(xb, *pb):

@@ -110,6 +110,7 @@ def _greedy_layout(layout):
 
 @functools.partial(jax.jit, static_argnames=("rule", "count"))
 def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
+    validation.report_logits(x)
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)
 
     def sample_block(xb, ub, *pb):
@@ -156,6 +157,7 @@ def _log_probs_layout(layout, params, rule, count):
 
 @functools.partial(jax.jit, static_argnames=("rule", "count"))
 def _log_probs_rows(x, temperature, top_k, top_p, min_p, *, rule, count):
+    validation.report_logits(x)
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)
 
     def block(xb, *pb):
@@ -224,7 +226,9 @@ def sample_from_uniform(u: jax.Array, logits: jax.Array, params: SamplingParams 
     :func:`sample` is this function applied to ``jax.random.uniform`` draws.
 
     Args:
-      u: float ``[...]`` in ``[0, 1)``, one per row (the batch shape of ``logits``).
+      u: float ``[...]`` in ``[0, 1)``, one per row (the batch shape of ``logits``). Concrete
+        values outside raise ``ValueError``; traced ones count as 0 (NaN, ``< 0``) or as just
+        below 1 (``>= 1``), so the token always has positive probability.
       logits: float ``[..., vocab]``.
       params: a :class:`SamplingParams`; ``None`` means plain softmax.
       return_logprobs: also return each token's log-probability.
@@ -237,12 +241,7 @@ def sample_from_uniform(u: jax.Array, logits: jax.Array, params: SamplingParams 
     """
     params = SamplingParams() if params is None else params
     x, values, batch_shape = _prepare("jsample.sample_from_uniform", logits, params)
-    u = jnp.asarray(u, jnp.float32)
-    if u.shape != batch_shape:
-        raise ValueError(
-            f"jsample.sample_from_uniform: u must have the logits' batch shape {batch_shape}, "
-            f"got {tuple(u.shape)}."
-        )
+    u = validation.check_uniform(u, batch_shape, "jsample.sample_from_uniform")
     token, logprob = _sample_rows(u.reshape(-1), x, *values, rule=params.top_p_rule,
                                   count=params.candidates)
     return _finish(token, logprob, batch_shape, return_logprobs)

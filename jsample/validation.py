@@ -1,8 +1,11 @@
 """Input checks: eager errors that name the argument, and the clamping rule for traced values.
 
 Concrete values (Python scalars, NumPy arrays, JAX arrays outside ``jit``) are checked when they
-arrive and raise ``ValueError``/``TypeError``. Traced values cannot be checked in Python, so the
-samplers clamp them instead (see :func:`sanitize_params`); ``jsample.checked`` reports them.
+arrive and raise ``ValueError``/``TypeError`` naming the argument and its allowed range. Traced
+values cannot be checked in Python, so the samplers clamp them instead (:func:`sanitize_params`,
+:func:`check_uniform`): a bad traced value never produces NaN or an out-of-range token. Each
+clamp also places a ``checkify.debug_check``, a no-op that compiles away unless the caller runs
+under :func:`jsample.checked`, which then reports the first bad value.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
-from jsample.params import TOP_P_RULES
+from jsample.params import FIELD_DTYPES, TOP_P_RULES
 
 _RANGES = {
     "temperature": "a finite number >= 0 (0 means greedy)",
@@ -22,13 +26,21 @@ _RANGES = {
     "min_p": "a number in [0, 1] (0 means off)",
 }
 
+# What a traced out-of-range value becomes, for the checked-mode messages (see sanitize_params).
+_CLAMPED = {
+    "temperature": "NaN or < 0 was treated as 0 (greedy), +inf as the largest float32",
+    "top_k": "< 0 was treated as 0 (off)",
+    "top_p": "NaN was treated as 1 (off), other values clipped to [0, 1]",
+    "min_p": "NaN was treated as 0 (off), other values clipped to [0, 1]",
+}
+
 
 def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
 def check_static_settings(top_p_rule: Any, candidates: Any) -> None:
-    if top_p_rule not in TOP_P_RULES:
+    if not isinstance(top_p_rule, str) or top_p_rule not in TOP_P_RULES:
         raise ValueError(
             f"top_p_rule must be one of {TOP_P_RULES}, got {top_p_rule!r}."
         )
@@ -36,51 +48,61 @@ def check_static_settings(top_p_rule: Any, candidates: Any) -> None:
         raise ValueError(f"candidates must be a Python int >= 1, got {candidates!r}.")
 
 
-def _check_values(name: str, values: np.ndarray) -> None:
-    bad = None
+def _bad_mask(name: str, values: np.ndarray) -> np.ndarray:
+    """float64 ``values`` -> bool mask of the entries outside ``name``'s allowed range."""
     if name == "temperature":
-        bad = ~np.isfinite(values) | (values < 0)
-    elif name == "top_k":
-        bad = values < 0
-    elif name in ("top_p", "min_p"):
-        bad = np.isnan(values) | (values < 0) | (values > 1)
-    if bad is not None and np.any(bad):
-        first = values[bad].flat[0]
-        raise ValueError(f"{name} must be {_RANGES[name]}, got {first!r}.")
+        return ~np.isfinite(values) | (values < 0)
+    if name == "top_k":
+        return ~np.isfinite(values) | (values < 0) | (values != np.round(values))
+    return np.isnan(values) | (values < 0) | (values > 1)
+
+
+def _raise_if_bad(name: str, values: np.ndarray) -> None:
+    bad = _bad_mask(name, values.astype(np.float64))
+    if not np.any(bad):
+        return
+    where = ""
+    if values.ndim:
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = f" at index {index} of an array of shape {values.shape}"
+    raise ValueError(f"{name} must be {_RANGES[name]}, got {values[bad].flat[0].item()!r}{where}.")
 
 
 def normalize_param(name: str, value: Any, dtype: type) -> Any:
     """Returns ``value`` as an array of ``dtype``, after checking it when it is concrete.
 
     Objects that are not numbers (JAX tree utilities sometimes rebuild a pytree with
-    placeholders) pass through untouched.
+    placeholders) pass through untouched; :func:`check_params` rejects them before any use.
     """
     if is_traced(value):
         if not (jnp.issubdtype(value.dtype, jnp.number) or value.dtype == jnp.bool_):
             raise TypeError(f"{name} must be numeric, got dtype {value.dtype}.")
         if np.dtype(dtype).kind == "i" and not jnp.issubdtype(value.dtype, jnp.integer):
-            raise TypeError(f"{name} must have an integer dtype under jit, got {value.dtype}.")
+            raise TypeError(
+                f"{name} must have an integer dtype under jit, got {value.dtype}. "
+                f"Pass {name} as an int32 array."
+            )
         return value.astype(dtype)
     if isinstance(value, bool) or (
         not isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
     ):
         if isinstance(value, (bool, str, list, tuple)):
-            raise TypeError(f"{name} must be a number or an array, got {type(value).__name__}.")
+            hint = {bool: " (use an int or a float)", list: " (wrap per-row values in "
+                    "np.asarray or jnp.asarray)", tuple: " (wrap per-row values in np.asarray or "
+                    "jnp.asarray)"}.get(type(value), "")
+            raise TypeError(f"{name} must be a number or an array, got {type(value).__name__}{hint}.")
         return value
     host = np.asarray(value)
     if host.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be numeric, got dtype {host.dtype}.")
+    _raise_if_bad(name, host)
     if np.dtype(dtype).kind == "i":
-        if host.dtype.kind == "f":
-            if not np.all(np.isfinite(host)) or np.any(host != np.round(host)):
-                raise ValueError(f"{name} must be {_RANGES[name]}, got {host!r}.")
-        _check_values(name, host.astype(np.float64))
-        host = np.clip(host, 0, np.iinfo(np.int32).max)
-    else:
-        _check_values(name, host.astype(np.float64))
-    if isinstance(value, jax.Array):
-        return jnp.asarray(value, dtype)
-    return np.asarray(host, dtype)
+        # Any k >= vocab means off, so very large values lose nothing by saturating (in float64:
+        # float32 cannot hold the int32 maximum, and the cast would wrap to a negative k).
+        wide = host.astype(np.float64) if host.dtype.kind == "f" else host
+        host = np.asarray(np.clip(wide, 0, np.iinfo(np.int32).max), dtype)
+        return jnp.asarray(host) if isinstance(value, jax.Array) else host
+    return jnp.asarray(value, dtype) if isinstance(value, jax.Array) else np.asarray(host, dtype)
 
 
 def check_params(params: Any) -> None:
@@ -91,6 +113,43 @@ def check_params(params: Any) -> None:
             f"params must be a jsample.SamplingParams, got {type(params).__name__}. "
             "Build one with js.SamplingParams(temperature=..., top_k=..., top_p=..., min_p=...)."
         )
+    for name in FIELD_DTYPES:
+        value = getattr(params, name)
+        if not hasattr(value, "dtype"):
+            raise TypeError(
+                f"SamplingParams.{name} must be a number or an array, got "
+                f"{type(value).__name__}."
+            )
+
+
+def report_logits(x: jax.Array) -> None:
+    """Checked mode only: reports NaN, ``+inf`` and rows without a finite logit.
+
+    Called on the ``[N, vocab]`` logits inside the jitted samplers, where they are always
+    traced, so the reductions compile away unless :func:`jsample.checked` is active.
+    """
+    if x.shape[0] == 0:
+        return
+    nan = jnp.any(jnp.isnan(x), axis=-1)
+    posinf = jnp.any(jnp.isposinf(x), axis=-1)
+    usable = jnp.any(x > -jnp.inf, axis=-1)  # NaN compares false
+    where = "row {} (flat index over logits.shape[:-1])"
+    checkify.debug_check(
+        ~jnp.any(nan), f"jsample: logits {where} holds NaN; NaN logits count as -inf.",
+        jnp.argmax(nan),
+    )
+    checkify.debug_check(
+        ~jnp.any(posinf),
+        f"jsample: logits {where} holds +inf; +inf logits count as the largest float32 "
+        "(tied at the top).",
+        jnp.argmax(posinf),
+    )
+    checkify.debug_check(
+        jnp.all(usable),
+        f"jsample: logits {where} has no finite logit; it got token 0 with logprob -inf "
+        "(all-zero probs).",
+        jnp.argmin(usable),
+    )
 
 
 def check_logits(logits: Any, fn: str) -> jax.Array:
@@ -108,7 +167,10 @@ def check_logits(logits: Any, fn: str) -> jax.Array:
     if logits.ndim == 0:
         raise ValueError(f"{fn}: logits must have shape [..., vocab], got a 0-d array.")
     if logits.shape[-1] == 0:
-        raise ValueError(f"{fn}: logits have an empty vocabulary (shape {tuple(logits.shape)}).")
+        raise ValueError(
+            f"{fn}: logits have an empty vocabulary (shape {tuple(logits.shape)}); "
+            "the last axis must hold at least one token."
+        )
     return jnp.asarray(logits)
 
 
@@ -153,13 +215,70 @@ def check_key(key: Any, batch_shape: tuple[int, ...], fn: str) -> tuple[jax.Arra
     return typed, True
 
 
-def sanitize_params(temperature, top_k, top_p, min_p):
-    """Clamps traced parameters so bad values can never produce NaN or an out-of-range token.
+def check_uniform(u: Any, batch_shape: tuple[int, ...], fn: str) -> jax.Array:
+    """float32 ``u`` with the logits' batch shape; concrete values must lie in ``[0, 1)``.
 
-    The rule (documented in README, "Guarantees"): a NaN or negative temperature means greedy and
-    ``+inf`` the largest finite float; a negative ``top_k`` means off; ``top_p`` and ``min_p`` are
-    clipped to ``[0, 1]``, with NaN meaning off (``top_p=1``, ``min_p=0``).
+    Traced values are not clamped here: the draw treats ``u < 0`` and NaN as 0 and ``u >= 1``
+    as just below 1, so they still give a token of positive probability.
     """
+    if not hasattr(u, "dtype"):
+        u = np.asarray(u)
+    if not (jnp.issubdtype(u.dtype, jnp.floating) or jnp.issubdtype(u.dtype, jnp.integer)):
+        raise TypeError(f"{fn}: u must be a float array, got dtype {u.dtype}.")
+    if tuple(u.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"{fn}: u must have the logits' batch shape {tuple(batch_shape)} (one uniform per "
+            f"row), got {tuple(u.shape)}."
+        )
+    u = jnp.asarray(u, jnp.float32)
+    if is_traced(u):
+        bad = ~((u >= 0) & (u < 1))
+        if bad.size:
+            flat = bad.reshape(-1)
+            row = jnp.argmax(flat)
+            checkify.debug_check(
+                ~jnp.any(flat),
+                f"{fn}: u must lie in [0, 1), got {{}} at row {{}}; it was treated as "
+                "0 (NaN or < 0) or as just below 1 (>= 1).",
+                u.reshape(-1)[row], row,
+            )
+        return u
+    host = np.asarray(u)
+    bad = ~((host >= 0) & (host < 1))
+    if np.any(bad):
+        where = f" at index {tuple(int(i) for i in np.argwhere(bad)[0])}" if host.ndim else ""
+        raise ValueError(f"{fn}: u must lie in [0, 1), got {host[bad].flat[0].item()!r}{where}.")
+    return u
+
+
+def _report_params(**values: jax.Array) -> None:
+    for name, value in values.items():
+        if value.size == 0:
+            continue
+        if name == "temperature":
+            bad = ~(value >= 0) | jnp.isinf(value)
+        elif name == "top_k":
+            bad = value < 0
+        else:
+            bad = ~((value >= 0) & (value <= 1))
+        row = jnp.argmax(bad)
+        checkify.debug_check(
+            ~jnp.any(bad),
+            f"SamplingParams.{name} must be {_RANGES[name]}, got {{}} at row {{}} (flat index "
+            f"over logits.shape[:-1]); {_CLAMPED[name]}.",
+            value[row], row,
+        )
+
+
+def sanitize_params(temperature, top_k, top_p, min_p):
+    """Clamps traced ``[N]`` parameters so bad values can never produce NaN or a bad token.
+
+    The rule: a NaN or negative temperature means greedy and ``+inf`` the largest finite
+    float32 (near-uniform); a negative ``top_k`` means off; ``top_p`` and ``min_p`` are clipped
+    to ``[0, 1]``, with NaN meaning off (``top_p=1``, ``min_p=0``). Under :func:`jsample.checked`
+    the first value that needed clamping is reported.
+    """
+    _report_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     fmax = jnp.finfo(jnp.float32).max
     temperature = jnp.where(jnp.isnan(temperature) | (temperature < 0), 0.0, temperature)
     temperature = jnp.minimum(temperature, fmax)
