@@ -22,10 +22,12 @@ code runs on one host or many.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence, Union
+import math
+from typing import Any, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -34,6 +36,7 @@ from jsample import cutoff, draw, sampling, validation
 from jsample.params import FIELD_DTYPES, SamplingParams
 from jsample.selection import (
     Layout,
+    chunk_size,
     first_argmax,
     is_clean,
     make_layout,
@@ -172,8 +175,10 @@ def _sample_sharded(key, logits, temperature, top_k, top_p, min_p, *, mesh, voca
         # Every device holds whole rows: the single-device sampler runs on each batch shard.
         shard_body = functools.partial(sampling._sample_rows, rule=rule, count=count)
     else:
+        shards = math.prod(mesh.shape[name] for name in _axis_names(vocab_axis))
         shard_body = functools.partial(
-            _sample_shard, vocab=vocab, vocab_axis=vocab_axis, rule=rule, count=count
+            _sample_shard, vocab=vocab, plan=_chunk_plan(vocab, shards), vocab_axis=vocab_axis,
+            rule=rule, count=count,
         )
 
     def body(key, logits, *params):
@@ -220,12 +225,16 @@ def _local_layout(logits: jax.Array) -> Layout:
     return layout._replace(x=x, chunk_max=chunk_max)
 
 
-def _sample_shard(u, logits, temperature, top_k, top_p, min_p, *, vocab, vocab_axis, rule, count):
+def _sample_shard(u, logits, temperature, top_k, top_p, min_p, *, vocab, plan, vocab_axis, rule,
+                  count):
     """The per-device body: ``[n]`` uniforms and parameters, ``[n, vocab / shards]`` logits."""
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)
     layout = _local_layout(logits)
     start = lax.axis_index(vocab_axis) * layout.vocab
-    row_max = lax.pmax(layout.chunk_max.max(axis=-1), vocab_axis)
+    # Each exchange runs under a named scope, which labels its collectives in profiles and in
+    # the compiled HLO (benchmarks/sharding.py reads them to count bytes per parameter mix).
+    with jax.named_scope("row_max"):
+        row_max = lax.pmax(layout.chunk_max.max(axis=-1), vocab_axis)
     # prepare_rows reads the row statistics from chunk_max and vocab: hand it the global ones,
     # then keep the local block for the passes over logits.
     rows = cutoff.prepare_rows(
@@ -241,19 +250,22 @@ def _sample_shard(u, logits, temperature, top_k, top_p, min_p, *, vocab, vocab_a
         from_candidates = cutoff.run_if(
             jnp.any(use_candidates), lambda: draw.draw_candidates(rows, cands, u), zeros
         )
-        from_chunks = cutoff.run_if(
-            jnp.any(~use_candidates & ~plain),
-            lambda: _draw_chunked(rows, threshold, u, vocab_axis),
-            zeros,
-        )
+        with jax.named_scope("chunked_draw"):
+            from_chunks = cutoff.run_if(
+                jnp.any(~use_candidates & ~plain),
+                lambda: _draw_chunked(rows, threshold, u, plan, vocab_axis),
+                zeros,
+            )
         return tuple(jnp.where(use_candidates, a, b) for a, b in zip(from_candidates, from_chunks))
 
     # Every value a branch condition reads is the same on all devices of a vocabulary group
     # (parameters, uniforms and reduced statistics), so the group takes the same branch and
     # meets at the same collectives.
     token, logprob = cutoff.run_if(jnp.any(~plain), sampled, zeros)
-    greedy = _first_argmax(layout, jnp.where(rows.valid, rows.row_max, -jnp.inf), start, vocab,
-                           vocab_axis)
+    with jax.named_scope("first_argmax"):
+        greedy = _first_argmax(
+            layout, jnp.where(rows.valid, rows.row_max, -jnp.inf), start, vocab, vocab_axis
+        )
     token = jnp.where(plain, greedy, token)
     logprob = jnp.where(rows.greedy, 0.0, logprob)
     logprob = jnp.where(rows.valid, logprob, -jnp.inf)
@@ -281,12 +293,14 @@ def _resolve(rows: cutoff.Rows, rule: str, count: int, start, vocab: int, vocab_
 
     def tier_one():
         needs_mass = filtered & ~rows.k_on & rows.p_on
-        mass = cutoff.run_if(
-            jnp.any(needs_mass),
-            lambda: lax.psum(cutoff.full_mass(rows), vocab_axis),
-            jnp.ones((n,)),
-        )
-        pool_rows, pool_ids = _candidate_pool(rows, count, start, vocab, vocab_axis)
+        with jax.named_scope("softmax_mass"):
+            mass = cutoff.run_if(
+                jnp.any(needs_mass),
+                lambda: lax.psum(cutoff.full_mass(rows), vocab_axis),
+                jnp.ones((n,)),
+            )
+        with jax.named_scope("candidate_pool"):
+            pool_rows, pool_ids = _candidate_pool(rows, count, start, vocab, vocab_axis)
         cands = cutoff.candidate_cutoff(pool_rows, count, rule, mass)
         return cands._replace(indices=jnp.take_along_axis(pool_ids, cands.indices, axis=1))
 
@@ -300,11 +314,12 @@ def _resolve(rows: cutoff.Rows, rule: str, count: int, start, vocab: int, vocab_
     cands = cutoff.run_if(jnp.any(filtered), tier_one, empty)
     use_candidates = filtered & cands.certified
     needs_full = filtered & ~cands.certified
-    full = cutoff.run_if(
-        jnp.any(needs_full),
-        lambda: _full_thresholds(rows, rule, needs_full, vocab_axis),
-        jnp.full((n,), cutoff.LOWEST),
-    )
+    with jax.named_scope("bisection"):
+        full = cutoff.run_if(
+            jnp.any(needs_full),
+            lambda: _full_thresholds(rows, rule, needs_full, vocab_axis),
+            jnp.full((n,), cutoff.LOWEST),
+        )
     threshold = jnp.where(
         use_candidates, cands.threshold, jnp.where(needs_full, full, cutoff.LOWEST)
     )
@@ -354,30 +369,97 @@ def _full_thresholds(rows: cutoff.Rows, rule: str, active, vocab_axis) -> jax.Ar
     return jnp.maximum(k_threshold, p_threshold)
 
 
-def _draw_chunked(rows: cutoff.Rows, threshold, u, vocab_axis) -> tuple[jax.Array, jax.Array]:
+class _ChunkPlan(NamedTuple):
+    """Static plan: the unsharded draw's chunks, each owned by the shard holding its first token.
+
+    A chunk that runs past the end of its owner's block is completed with the first ``halo``
+    tokens of the next shard, so every chunk mass is summed by one device over the same values
+    as in the unsharded draw.
+    """
+
+    chunk: int  # tokens per chunk
+    width: int  # tokens per shard
+    slots: int  # chunk slots per shard: the most chunks a shard owns
+    halo: int  # tokens each shard borrows from the next one (0 when the blocks align)
+    first: tuple[int, ...]  # [shards] first chunk each shard owns
+    owned: tuple[int, ...]  # [shards] how many chunks each shard owns
+    offsets: tuple[int, ...]  # [shards] where the first owned chunk starts in the shard's block
+
+    @property
+    def aligned(self) -> bool:
+        """Every block is exactly its own chunks: no borrowing, no shifting, no padding."""
+        return self.halo == 0 and self.slots * self.chunk == self.width and not any(self.offsets)
+
+
+def _chunk_plan(vocab: int, shards: int) -> _ChunkPlan:
+    width = vocab // shards
+    chunk = chunk_size(vocab)
+    if chunk > width:
+        # A chunk would span several shards (a vocabulary under 64 tokens per shard): use
+        # shard-sized chunks. The draw stays exact in distribution, but its sums are grouped
+        # differently from the unsharded ones, so a token can differ at a rounding boundary.
+        chunk = width
+    first = [-(-s * width // chunk) for s in range(shards)]
+    owned = [end - start for start, end in zip(first, first[1:] + [-(-vocab // chunk)])]
+    # How far each shard's last chunk reaches into the next block (the last shard's reaches
+    # past the vocabulary, into padding).
+    reach = [(f + o) * chunk - (s + 1) * width for s, (f, o) in enumerate(zip(first, owned))]
+    return _ChunkPlan(
+        chunk=chunk,
+        width=width,
+        slots=max(owned),
+        halo=max(reach[:-1] + [0]),
+        first=tuple(first),
+        owned=tuple(owned),
+        offsets=tuple(f * chunk - s * width for s, f in enumerate(first)),
+    )
+
+
+def _draw_chunked(rows: cutoff.Rows, threshold, u, plan: _ChunkPlan,
+                  vocab_axis) -> tuple[jax.Array, jax.Array]:
     """:func:`jsample.draw.draw_chunked` across shards; returns ``(token [n], logprob [n])``.
 
-    Each shard sums its own chunks; the ``[n, chunks]`` chunk masses (1/chunk of the vocabulary)
-    are gathered so that every device runs the unsharded draw's prefix sum over chunks on the
-    same values, in the same order. When the shard width is a multiple of the unsharded chunk
-    length the chunks coincide, and so do the chosen chunk and the token. The shard owning the
-    chunk picks the token inside it; a ``psum`` of one value and zeros shares it.
+    Each shard sums the chunks it owns (see :class:`_ChunkPlan`); the ``[n, chunks]`` chunk
+    masses (one float per chunk of 64 tokens) are gathered so that every device runs the
+    unsharded draw's prefix sum over chunks on the same values, in the same order, and picks the
+    same chunk. The shard owning it picks the token inside it; a ``psum`` of one value and
+    zeros shares the result.
     """
-    layout = rows.layout
-    local_mass = jnp.sum(rows.weights(layout.blocks, threshold), axis=-1)
-    chunk_mass = lax.all_gather(local_mass, vocab_axis, axis=1, tiled=True)
+    shard = lax.axis_index(vocab_axis)
+    n = u.shape[0]
+    x = rows.layout.x[:, : plan.width]
+    span = plan.slots * plan.chunk
+    if not plan.aligned:
+        if plan.halo:
+            shards = len(plan.first)
+            borrowed = lax.ppermute(
+                x[:, : plan.halo], vocab_axis, perm=[(s + 1, s) for s in range(shards - 1)]
+            )
+            # The last shard receives zeros; its last chunk ends at the vocabulary's end.
+            x = jnp.concatenate([x, jnp.where(shard == shards - 1, -jnp.inf, borrowed)], axis=1)
+        room = max(plan.offsets) + span - x.shape[1]
+        if room > 0:
+            x = jnp.pad(x, ((0, 0), (0, room)), constant_values=-jnp.inf)
+        x = lax.dynamic_slice_in_dim(x, jnp.asarray(plan.offsets)[shard], span, axis=1)
+    blocks = x.reshape(n, plan.slots, plan.chunk)
+    local_mass = jnp.sum(rows.weights(blocks, threshold), axis=-1)
+    local_mass = jnp.where(jnp.arange(plan.slots) < jnp.asarray(plan.owned)[shard], local_mass, 0.0)
+    slots = lax.all_gather(local_mass, vocab_axis, axis=1, tiled=True)  # [n, shards * slots]
+    order = [s * plan.slots + i for s, o in enumerate(plan.owned) for i in range(o)]
+    chunk_mass = slots[:, np.asarray(order)] if len(order) < slots.shape[1] else slots
+
     cum = jnp.cumsum(chunk_mass, axis=-1)
     total = cum[:, -1]
     target = u * total
     chunk, _ = draw.pick(chunk_mass, target, cum)
     after = jnp.take_along_axis(cum, chunk[:, None], axis=1)[:, 0]
     before = after - jnp.take_along_axis(chunk_mass, chunk[:, None], axis=1)[:, 0]
-    owner, local_chunk = jnp.divmod(chunk, layout.chunks)
-    block = layout.gather_chunks(local_chunk[:, None])[:, 0]
+    owner = jnp.asarray(np.repeat(np.arange(len(plan.owned)), plan.owned))[chunk]
+    slot = chunk - jnp.asarray(plan.first)[owner]
+    block = jnp.take_along_axis(blocks, slot[:, None, None], axis=1)[:, 0]
     offset, _ = draw.pick(rows.weights(block, threshold), target - before)
     scaled = rows.scaled(jnp.take_along_axis(block, offset[:, None], axis=1))[:, 0]
-    mine = owner == lax.axis_index(vocab_axis)
-    token = owner * layout.vocab + local_chunk * layout.chunk + offset
-    token = lax.psum(jnp.where(mine, token, 0), vocab_axis)
+    mine = owner == shard
+    token = lax.psum(jnp.where(mine, chunk * plan.chunk + offset, 0), vocab_axis)
     scaled = lax.psum(jnp.where(mine, scaled, 0.0), vocab_axis)
     return token, scaled - jnp.log(total)

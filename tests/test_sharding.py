@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jsample as js
+from jsample import sharding
 
 B, V = 16, 4096
 MESHES = [(8, 1), (1, 8), (2, 4)]
@@ -114,6 +115,31 @@ def test_one_key_per_row():
     for i, name in enumerate(FAMILIES):
         keys = jax.random.split(jax.random.key(100 + i), B)
         _assert_same(keys, _family(name, seed=i), params, mesh)
+
+
+def test_blocks_that_split_chunks():
+    # 4000 tokens over 4 shards: 1000 per shard is not a multiple of the draw's 32-token
+    # chunks, so shards borrow the start of the next block to finish their last chunk.
+    mesh = _mesh((2, 4))
+    params = _params()
+    for i, name in enumerate(FAMILIES):
+        x = _family(name, seed=20 + i)[:, :4000]
+        _assert_same(jax.random.key(20 + i), x, params, mesh)
+
+
+@pytest.mark.parametrize("vocab,shards", [(4096, 8), (32000, 8), (128256, 8), (151936, 8),
+                                          (1000, 8), (64, 8), (4000, 4)])
+def test_chunk_plan_gives_every_chunk_one_owner_in_order(vocab, shards):
+    plan = sharding._chunk_plan(vocab, shards)
+    chunks = -(-vocab // plan.chunk)
+    owned = [c for s in range(shards) for c in range(plan.first[s], plan.first[s] + plan.owned[s])]
+    assert owned == list(range(chunks))
+    for s in range(shards):
+        # Each owned chunk starts in the shard's block and ends within the next `halo` tokens.
+        assert plan.offsets[s] == plan.first[s] * plan.chunk - s * plan.width >= 0
+        end = (plan.first[s] + plan.owned[s]) * plan.chunk
+        assert end <= (s + 1) * plan.width + plan.halo or s == shards - 1
+    assert plan.halo <= plan.width
 
 
 def test_whole_mesh_on_the_vocabulary_and_replicated_rows():
