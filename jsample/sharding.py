@@ -240,6 +240,11 @@ def _sample_shard(u, logits, temperature, top_k, top_p, min_p, *, vocab, plan, v
     rows = cutoff.prepare_rows(
         layout._replace(vocab=vocab, chunk_max=row_max[:, None]), *params
     )._replace(layout=layout)
+    # Checked mode (jsample.checked) finds NaN and +inf in this block, but whether a row has a
+    # finite logit is a global fact: one extra column, finite exactly for such rows, says it.
+    validation.report_logits(
+        jnp.concatenate([layout.x, jnp.where(rows.valid, 0.0, -jnp.inf)[:, None]], axis=1)
+    )
 
     n = u.shape[0]
     zeros = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))

@@ -159,6 +159,19 @@ def test_runs_inside_jit_and_returns_batch_sharded_tokens():
     assert tokens.sharding.spec == P("data")
 
 
+def test_checked_mode_reports_bad_logits_per_row_not_per_shard():
+    mesh = _mesh((1, 8))
+    x = _family("normal", seed=0)
+    x[:, : V // 2] = -np.inf  # finite logits in half the shards only: not worth a report
+    fn = js.checked(jax.jit(lambda k, logits: js.sample_sharded(k, logits, _params(), mesh=mesh)))
+    err, tokens = fn(jax.random.key(0), _place(x, mesh))
+    assert err.get() is None
+    np.testing.assert_array_equal(tokens, js.sample(jax.random.key(0), x, _params()))
+    x[5, 3000] = np.nan
+    err, _ = fn(jax.random.key(0), _place(x, mesh))
+    assert "row 5" in err.get() and "holds NaN" in err.get()
+
+
 _COLLECTIVE = re.compile(
     r"=\s*(.+?)\s+(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\("
 )
