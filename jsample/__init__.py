@@ -5,6 +5,8 @@ with explicit PRNG keys that run under ``jit``/``vmap``/``scan`` on CPU, GPU and
 """
 
 from jsample.checked import checked as checked
+from jsample.decode import DecodeResult as DecodeResult
+from jsample.decode import decode as decode
 from jsample.params import SamplingParams as SamplingParams
 from jsample.processors import apply_temperature as apply_temperature
 from jsample.processors import mask_min_p as mask_min_p
@@ -19,9 +21,11 @@ from jsample.sharding import sample_sharded as sample_sharded
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecodeResult",
     "SamplingParams",
     "apply_temperature",
     "checked",
+    "decode",
     "log_probs",
     "mask_min_p",
     "mask_top_k",
