@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
 from jsample import validation
 from jsample.params import FIELD_DTYPES, SamplingParams
 from jsample.sampling import sample
+from jsample.sharding import AxisName, sample_sharded
 
 StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -53,6 +55,9 @@ def decode(
     max_new_tokens: int,
     eos_id: int | jax.Array | None = None,
     pad_id: int | jax.Array = 0,
+    mesh: Mesh | None = None,
+    vocab_axis: AxisName = "model",
+    batch_axis: AxisName = "data",
 ) -> DecodeResult:
     """Samples up to ``max_new_tokens`` tokens per row in one compiled ``lax.while_loop``.
 
@@ -90,6 +95,12 @@ def decode(
       eos_id: stop token, an int in ``[0, vocab)``, or ``None`` to always generate
         ``max_new_tokens`` tokens.
       pad_id: int written after a row stops, and fed to ``step_fn`` for stopped rows.
+      mesh: when the logits are sharded over a :class:`jax.sharding.Mesh` (a tensor-parallel LM
+        head), each step samples with :func:`jsample.sample_sharded` instead: the same tokens,
+        without gathering the vocabulary. Its axes must be of type ``AxisType.Auto``.
+      vocab_axis: the mesh axis (or axes) splitting the vocabulary, as in
+        :func:`jsample.sample_sharded`.
+      batch_axis: the mesh axis (or axes) splitting the rows.
 
     Returns:
       A :class:`DecodeResult` ``(tokens, lengths, logprobs, state)``.
@@ -141,6 +152,7 @@ def decode(
     return _decode(
         step_fn, state, logits, row_keys, values, eos_id, pad_id,
         max_new_tokens=int(max_new_tokens), rule=params.top_p_rule, count=params.candidates,
+        sharding=None if mesh is None else (mesh, vocab_axis, batch_axis),
     )
 
 
@@ -158,9 +170,13 @@ def _token_id(fn: str, name: str, value: Any, vocab: int | None) -> jax.Array:
     return jnp.int32(host)
 
 
-def _sample_step(keys: jax.Array, logits: jax.Array, params: SamplingParams):
+def _sample_step(keys: jax.Array, logits: jax.Array, params: SamplingParams, sharding):
     """The loop's only call into the sampler: ``(tokens int32 [B], logprobs float32 [B])``."""
-    return sample(keys, logits, params, return_logprobs=True)
+    if sharding is None:
+        return sample(keys, logits, params, return_logprobs=True)
+    mesh, vocab_axis, batch_axis = sharding
+    return sample_sharded(keys, logits, params, mesh=mesh, vocab_axis=vocab_axis,
+                          batch_axis=batch_axis, return_logprobs=True)
 
 
 def _check_step_output(step_fn, logits, state, new_logits, new_state) -> None:
@@ -181,10 +197,10 @@ def _check_step_output(step_fn, logits, state, new_logits, new_state) -> None:
 @functools.partial(
     jax.jit,
     static_argnums=0,
-    static_argnames=("max_new_tokens", "rule", "count"),
+    static_argnames=("max_new_tokens", "rule", "count", "sharding"),
 )
 def _decode(step_fn, state, logits, row_keys, values, eos_id, pad_id, *,
-            max_new_tokens, rule, count) -> DecodeResult:
+            max_new_tokens, rule, count, sharding) -> DecodeResult:
     batch = logits.shape[0]
     params = SamplingParams(*values, top_p_rule=rule, candidates=count)
 
@@ -202,7 +218,7 @@ def _decode(step_fn, state, logits, row_keys, values, eos_id, pad_id, *,
 
     def body(c: Carry) -> Carry:
         keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, c.step)
-        token, logprob = _sample_step(keys, c.logits, params)
+        token, logprob = _sample_step(keys, c.logits, params, sharding)
         token = jnp.where(c.done, pad_id, token)
         logprob = jnp.where(c.done, 0.0, logprob)
         lengths = c.lengths + (~c.done).astype(jnp.int32)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jsample import cutoff, draw, sampling, validation
@@ -149,11 +149,13 @@ def sample_sharded(key: jax.Array, logits: jax.Array, params: SamplingParams | N
     vocab_shards, _ = _check_mesh(mesh, vocab_axis, batch_axis, tuple(logits.shape))
     validation.check_key(key, batch, _FN)
     values = [getattr(params, name) for name in FIELD_DTYPES]
-    logits_spec = P(batch_axis, vocab_axis if vocab_shards > 1 else None)
+    layout = NamedSharding(mesh, P(batch_axis, vocab_axis if vocab_shards > 1 else None))
+    # Both are no-ops when the logits already have this layout. Otherwise they move them, which
+    # shard_map does not do by itself on mesh axes of type Explicit.
     if not validation.is_traced(logits):
-        # A no-op when the logits already have this layout; otherwise one transfer, which an
-        # explicit-axes mesh would not make implicitly.
-        logits = jax.device_put(logits, NamedSharding(mesh, logits_spec))
+        logits = jax.device_put(logits, layout)
+    elif AxisType.Explicit in mesh.axis_types:
+        logits = jax.sharding.reshard(logits, layout)
     token, logprob = _sample_sharded(
         key, logits, *values, mesh=mesh, vocab_axis=vocab_axis if vocab_shards > 1 else None,
         batch_axis=batch_axis, rule=params.top_p_rule, count=params.candidates,
@@ -220,7 +222,7 @@ def _local_layout(logits: jax.Array) -> Layout:
 
     # Only the arrays go through the branch: the layout's sizes must stay Python ints.
     x, chunk_max = lax.cond(
-        is_clean(layout.chunk_max), lambda: (layout.x, layout.chunk_max), sanitized
+        is_clean(layout), lambda: (layout.x, layout.chunk_max), sanitized
     )
     return layout._replace(x=x, chunk_max=chunk_max)
 

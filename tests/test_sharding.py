@@ -172,6 +172,27 @@ def test_checked_mode_reports_bad_logits_per_row_not_per_shard():
     assert "row 5" in err.get() and "holds NaN" in err.get()
 
 
+def _embedding_step(state, tokens):
+    """A stand-in for a tensor-parallel LM: logits = embedding(tokens) @ head."""
+    embedding, head = state
+    return embedding[tokens] @ head, state
+
+
+def test_decode_with_a_mesh_draws_the_unsharded_tokens():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rng = np.random.default_rng(0)
+    embedding = rng.normal(0.0, 1.0, (V, 16)).astype(np.float32)
+    head = rng.normal(0.0, 1.0, (16, V)).astype(np.float32)
+    first = _family("normal", seed=0)
+    params = _params()
+    want = js.decode(_embedding_step, (embedding, head), first, jax.random.key(0), params,
+                     max_new_tokens=6)
+    got = js.decode(_embedding_step, (embedding, _place(head, mesh, P(None, "model"))),
+                    _place(first, mesh), jax.random.key(0), params, max_new_tokens=6, mesh=mesh)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-4)
+
+
 _COLLECTIVE = re.compile(
     r"=\s*(.+?)\s+(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(-start)?\("
 )
