@@ -48,7 +48,7 @@ def _on_clean_logits(logits, fn):
     x = logits.astype(jnp.float32)
     layout = make_layout(x)
     return lax.cond(
-        is_clean(layout.chunk_max),
+        is_clean(layout),
         lambda: fn(layout),
         lambda: fn(make_layout(sanitize_logits(x))),
     )
@@ -133,7 +133,7 @@ def _greedy_rows(x):
     if x.dtype != jnp.float32:
         return blocked()
     layout = make_layout(x)
-    return lax.cond(is_clean(layout.chunk_max), lambda: _greedy_layout(layout), blocked)
+    return lax.cond(is_clean(layout), lambda: _greedy_layout(layout), blocked)
 
 
 def kept_mask(rows: cutoff.Rows, rule: str, count: int) -> jax.Array:
