@@ -245,7 +245,7 @@ def _sample_shard(u, logits, temperature, top_k, top_p, min_p, *, vocab, plan, v
     # Checked mode (jsample.checked) finds NaN and +inf in this block, but whether a row has a
     # finite logit is a global fact: one extra column, finite exactly for such rows, says it.
     validation.report_logits(
-        jnp.concatenate([layout.x, jnp.where(rows.valid, 0.0, -jnp.inf)[:, None]], axis=1)
+        jnp.concatenate([logits, jnp.where(rows.valid, 0.0, -jnp.inf)[:, None]], axis=1)
     )
 
     n = u.shape[0]
