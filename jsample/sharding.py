@@ -1,21 +1,29 @@
 """Sampling from logits sharded across a device mesh, without gathering the vocabulary.
 
 A tensor-parallel LM head leaves its logits split over the vocabulary (and, with data parallelism,
-over the batch). :func:`sample_sharded` draws the same tokens as :func:`jsample.sample` on the
-unsharded logits while each device reads only its own ``[rows / batch shards, vocab / vocab
-shards]`` block. What crosses devices, per row:
+over the batch). :func:`sample_sharded` draws the tokens :func:`jsample.sample` draws from the
+unsharded logits, while each device reads only its own ``[rows / batch shards, vocab / vocab
+shards]`` block. Every decision is taken on the same values as in the unsharded sampler; what
+crosses devices, per row, is:
 
-* the row maximum (``pmax``), and for top-p rows without top-k the softmax normaliser (``psum``);
-* each vocabulary shard's ``candidates`` largest logits with their token ids: the candidate tier
-  of :mod:`jsample.cutoff` runs on the merged pool, which holds the global top candidates;
-* only for rows whose kept set is larger than the candidates: one count or mass per bisection
-  step (``psum``), see :func:`jsample.cutoff.full_thresholds`;
-* only for rows drawn over the whole vocabulary (no filter, or a kept set larger than the
-  candidates): one probability mass per chunk of the vocabulary (1/64 of it), gathered so that
-  every device runs the same inverse-CDF prefix over chunks as the unsharded draw, then the
-  device holding the chosen chunk picks the token inside it.
+* the row maximum (``pmax``) and, for greedy rows, the first index holding it (``pmin``);
+* each vocabulary shard's ``candidates`` largest logits with their token ids. The global
+  ``candidates`` largest are among them, so the candidate tier of :mod:`jsample.cutoff` runs on
+  the merged pool and finds the unsharded values, keep flags, threshold and certificate. Top-p
+  rows without top-k also need the softmax normaliser (``psum``);
+* for rows whose kept set is larger than the candidates: one count or mass per bisection step
+  (``psum``), see :func:`jsample.cutoff.full_thresholds`;
+* for rows drawn over the whole vocabulary (no filter, or after bisection): one probability mass
+  per chunk of the unsharded draw (64 tokens), so that every device runs its prefix sum over the
+  same masses and picks the same chunk; the device owning that chunk picks the token in it. A
+  block that ends inside a chunk borrows the start of the next block (``ppermute``).
 
-The mesh plumbing is JAX's own (``jax.shard_map`` over a :class:`jax.sharding.Mesh`), so the same
+Sums taken in another order (the normaliser, bisection masses) and XLA reductions over a
+different number of rows per device can round differently from the unsharded sampler, so a
+token could differ where the uniform falls within rounding of a cumulative-probability boundary;
+tests/test_sharding.py and README ("Multi-device") give the measured agreement.
+
+The mesh plumbing is JAX's own (``jax.shard_map`` over a :class:`jax.sharding.Mesh`): the same
 code runs on one host or many.
 """
 
@@ -63,7 +71,7 @@ def _check_mesh(mesh: Any, vocab_axis: AxisName, batch_axis: AxisName, shape: tu
     sizes = dict(mesh.shape)
     for arg, name in (("vocab_axis", vocab_axis), ("batch_axis", batch_axis)):
         if name is not None and not isinstance(name, str) and not (
-            isinstance(name, (tuple, list)) and name and all(isinstance(n, str) for n in name)
+            isinstance(name, tuple) and name and all(isinstance(n, str) for n in name)
         ):
             raise TypeError(
                 f"{_FN}: {arg} must be a mesh axis name, a tuple of names or None, got {name!r}."
@@ -106,9 +114,12 @@ def sample_sharded(key: jax.Array, logits: jax.Array, params: SamplingParams | N
     tensor-parallel LM head). Each device works on its own block; the full vocabulary of a row
     never lands on one device (see the module docstring for what is exchanged). The tokens are
     those :func:`jsample.sample` draws from the same logits with the same ``key``: same
-    parameters, same rules, same uniforms, same inverse-CDF order.
+    parameters, same rules, same uniforms, same inverse-CDF order. (A sum rounded differently
+    could only matter at a cumulative-probability boundary; README, "Multi-device", gives the
+    measured agreement.) The call runs inside ``jit``, and in :func:`jsample.decode` given a
+    ``mesh``.
 
-    Logits laid out differently are first moved to that layout by XLA, which may copy them.
+    Logits laid out differently are moved to that layout first, which copies them.
 
     Args:
       key: one PRNG key, or one key per row (shape ``[batch]``), as for :func:`jsample.sample`.
@@ -125,8 +136,10 @@ def sample_sharded(key: jax.Array, logits: jax.Array, params: SamplingParams | N
       int32 ``[batch]`` tokens sharded over ``batch_axis``, or ``(tokens, logprobs)``.
 
     Raises:
-      ValueError: an axis is not in ``mesh``, both arguments name the same axis, or a size does
-        not divide the logits' shape.
+      ValueError: an axis is not in ``mesh``, both arguments name the same axis, a size does not
+        divide the logits' shape, or the logits are not 2-D.
+      TypeError: ``mesh`` is not a :class:`jax.sharding.Mesh`, an axis argument is not a name, a
+        tuple of names or ``None``, or the key, logits or params are of the wrong kind.
 
     Example:
       >>> import jax, jax.numpy as jnp, jsample as js
