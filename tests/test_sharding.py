@@ -149,16 +149,6 @@ def test_whole_mesh_on_the_vocabulary_and_replicated_rows():
                  vocab_axis=("data", "model"), batch_axis=None)
 
 
-def test_runs_inside_jit_and_returns_batch_sharded_tokens():
-    mesh = _mesh((2, 4))
-    params = _params()
-    x = _family("normal", seed=0)
-    fn = jax.jit(lambda key, logits: js.sample_sharded(key, logits, params, mesh=mesh))
-    tokens = fn(jax.random.key(3), _place(x, mesh))
-    np.testing.assert_array_equal(tokens, js.sample(jax.random.key(3), x, params))
-    assert tokens.sharding.spec == P("data")
-
-
 def test_checked_mode_reports_bad_logits_per_row_not_per_shard():
     mesh = _mesh((1, 8))
     x = _family("normal", seed=0)
@@ -224,16 +214,20 @@ def test_collectives_parser_sees_a_full_vocabulary_gather():
 def test_compiled_hlo_moves_no_vocabulary_sized_array(shape):
     mesh = _mesh(shape)
     params = _params()
+    x = _place(_family("normal", seed=0), mesh)
     fn = jax.jit(lambda key, logits: js.sample_sharded(key, logits, params, mesh=mesh))
-    hlo = fn.lower(jax.random.key(0), _place(jnp.zeros((B, V)), mesh)).compile().as_text()
-    found = collectives(hlo)
-    ops = {op for op, _ in found}
-    assert {"all-gather", "all-reduce"} <= ops  # the candidate pool and the row statistics
+    compiled = fn.lower(jax.random.key(0), x).compile()
+    found = collectives(compiled.as_text())
+    assert {"all-gather", "all-reduce"} <= {op for op, _ in found}  # pool, row statistics
     rows = B // shape[0]
     for op, dims in found:
         # No full-vocabulary dimension, and nothing near it in size: the largest exchange is
         # the candidate pool (8 shards x 64 candidates = an eighth of this vocabulary).
         assert V not in dims and math.prod(dims) <= rows * V // 4, (op, dims)
+    # The same program, inside a caller's jit: the unsharded tokens, sharded over the batch.
+    tokens = compiled(jax.random.key(3), x)
+    np.testing.assert_array_equal(tokens, js.sample(jax.random.key(3), _family("normal", 0), params))
+    assert tokens.sharding.spec == P("data")
 
 
 class TestErrors:
