@@ -162,13 +162,13 @@ def sample_sharded(key: jax.Array, logits: jax.Array, params: SamplingParams | N
     vocab_shards, _ = _check_mesh(mesh, vocab_axis, batch_axis, tuple(logits.shape))
     validation.check_key(key, batch, _FN)
     values = [getattr(params, name) for name in FIELD_DTYPES]
-    layout = NamedSharding(mesh, P(batch_axis, vocab_axis if vocab_shards > 1 else None))
-    # Both are no-ops when the logits already have this layout. Otherwise they move them, which
-    # shard_map does not do by itself on mesh axes of type Explicit.
+    placement = NamedSharding(mesh, P(batch_axis, vocab_axis if vocab_shards > 1 else None))
+    # Both are no-ops when the logits already have this placement. Otherwise they move them,
+    # which shard_map does not do by itself on mesh axes of type Explicit.
     if not validation.is_traced(logits):
-        logits = jax.device_put(logits, layout)
+        logits = jax.device_put(logits, placement)
     elif AxisType.Explicit in mesh.axis_types:
-        logits = jax.sharding.reshard(logits, layout)
+        logits = jax.sharding.reshard(logits, placement)
     token, logprob = _sample_sharded(
         key, logits, *values, mesh=mesh, vocab_axis=vocab_axis if vocab_shards > 1 else None,
         batch_axis=batch_axis, rule=params.top_p_rule, count=params.candidates,
