@@ -46,30 +46,34 @@ def _number(kind: type, low: float, high: float, text: str) -> Callable[[str], f
 
 
 def _parser() -> _Parser:
-    parser = _Parser(prog="jsample", description="jsample: exact, jit-compiled token sampling for JAX.")
+    parser = _Parser(prog="jsample",
+                     description="jsample: exact, jit-compiled token sampling for JAX.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = commands.add_parser(
         "demo", help="continue a prompt with the bundled byte-level Flax model",
         description="Continue a prompt with the byte-level Flax NNX model bundled with jsample "
-                    "(trained on the Python language reference). The same seed prints the same text.")
-    demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue (default: %(default)r)")
+                    "(trained on the Python language reference). The same seed prints the same "
+                    "text.")
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT",
+                      help="text to continue (default: %(default)r)")
     demo.add_argument("--seed", type=_number(int, 0, 2**32 - 1, "an integer in [0, 2**32)"),
-                      default=0, help="PRNG seed (default: %(default)s)")
+                      default=0, metavar="N", help="PRNG seed (default: %(default)s)")
     demo.add_argument("--temperature", type=_number(float, 0, math.inf, "a finite number >= 0"),
-                      default=0.8, help="0 means greedy (default: %(default)s)")
+                      default=0.8, metavar="T", help="0 means greedy (default: %(default)s)")
     demo.add_argument("--top-k", type=_number(int, 0, 2**31 - 1, "an integer >= 0"),
-                      default=40, help="0 means off (default: %(default)s)")
+                      default=40, metavar="K", help="0 means off (default: %(default)s)")
     demo.add_argument("--top-p", type=_number(float, 0, 1, "a number in [0, 1]"),
-                      default=0.9, help="1 means off (default: %(default)s)")
+                      default=0.9, metavar="P", help="1 means off (default: %(default)s)")
     demo.add_argument("--min-p", type=_number(float, 0, 1, "a number in [0, 1]"),
-                      default=0.0, help="0 means off (default: %(default)s)")
+                      default=0.0, metavar="M", help="0 means off (default: %(default)s)")
     demo.add_argument("--top-p-rule", choices=("inclusive", "exclusive"), default="inclusive",
                       help="keep (inclusive) or drop (exclusive) the token that crosses top-p")
-    demo.add_argument("--max-new-tokens", type=_number(int, 0, 100_000, "an integer in [0, 100000]"),
-                      default=200, help="bytes to generate (default: %(default)s)")
+    demo.add_argument("--max-new-tokens",
+                      type=_number(int, 0, 100_000, "an integer in [0, 100000]"), default=200,
+                      metavar="N", help="bytes to generate (default: %(default)s)")
     demo.add_argument("--num-samples", type=_number(int, 1, 1024, "an integer in [1, 1024]"),
-                      default=1, help="continuations decoded together as one batch; sample i "
+                      default=1, metavar="N", help="continuations decoded together as one batch; sample i "
                                       "uses fold_in(key(seed), i) (default: %(default)s)")
 
     commands.add_parser(
@@ -97,10 +101,14 @@ def _demo(args: argparse.Namespace) -> None:
     from jsample.model import generate, load
 
     _use_compilation_cache()
+    try:
+        size = len(args.prompt.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise UsageError("jsample demo: error: --prompt is not valid UTF-8") from None
     model = load()
-    if len(args.prompt.encode("utf-8")) > model.config.window:
-        raise UsageError(f"jsample demo: error: --prompt is {len(args.prompt.encode('utf-8'))} "
-                         f"bytes; the model reads at most {model.config.window}")
+    if size > model.config.window:
+        raise UsageError(f"jsample demo: error: --prompt is {size} bytes; the model reads at "
+                         f"most {model.config.window}")
     params = js.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                min_p=args.min_p, top_p_rule=args.top_p_rule)
     texts, _ = generate(model, [args.prompt] * args.num_samples, jax.random.key(args.seed), params,

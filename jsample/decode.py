@@ -77,9 +77,10 @@ def decode(
     The loop is compiled once per ``step_fn``, ``max_new_tokens``, the static settings of
     ``params`` (``top_p_rule``, ``candidates``) and the shapes and dtypes of the inputs. New
     sampling parameter values (scalar or per row), one key or per-row keys, prompts, model
-    weights (when they travel in ``state``), ``eos_id`` and ``pad_id`` all reuse it. ``step_fn`` is a static argument compared by ``==``/``hash``:
-    define it once (a module-level function, or an object with value equality) rather than a
-    new lambda per call. ``decode`` also runs inside a caller's ``jit``.
+    weights (when they travel in ``state``), ``eos_id`` and ``pad_id`` all reuse it.
+    ``step_fn`` is a static argument compared by ``==``/``hash``: define it once (a
+    module-level function, or an object with value equality) rather than a new lambda per
+    call. ``decode`` also runs inside a caller's ``jit``.
 
     Args:
       step_fn: ``step_fn(state, tokens int32 [B]) -> (logits [B, vocab], state)``; the returned
@@ -128,6 +129,9 @@ def decode(
             f"{fn}: step_fn must be hashable (it is a static argument of the compiled loop); "
             f"got an unhashable {type(step_fn).__name__}."
         ) from None
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+            or max_new_tokens < 0:
+        raise ValueError(f"{fn}: max_new_tokens must be a Python int >= 0, got {max_new_tokens!r}.")
     logits = validation.check_logits(logits, fn)
     if logits.ndim != 2:
         raise ValueError(f"{fn}: logits must have shape [batch, vocab], got {tuple(logits.shape)}.")
@@ -140,9 +144,6 @@ def decode(
     )
     key, batched = validation.check_key(key, (batch,), fn)
     row_keys = key if batched else jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 0:
-        raise ValueError(f"{fn}: max_new_tokens must be a Python int >= 0, got {max_new_tokens!r}.")
     # No stop token is a stop token no row can emit, so both cases share one compiled loop.
     eos_id = jnp.int32(-1) if eos_id is None else _token_id(fn, "eos_id", eos_id, vocab)
     pad_id = _token_id(fn, "pad_id", pad_id, None)
@@ -160,7 +161,9 @@ def _token_id(fn: str, name: str, value: Any, vocab: int | None) -> jax.Array:
     """An int32 scalar; checked against ``[0, vocab)`` when concrete and ``vocab`` is given."""
     if validation.is_traced(value):
         if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
-            raise TypeError(f"{fn}: {name} must be an integer scalar, got {value.dtype}{value.shape}.")
+            raise TypeError(
+                f"{fn}: {name} must be an integer scalar, got {value.dtype}{list(value.shape)}."
+            )
         return value.astype(jnp.int32)
     host = np.asarray(value)
     if isinstance(value, bool) or host.shape != () or host.dtype.kind not in "iu":
@@ -180,10 +183,11 @@ def _sample_step(keys: jax.Array, logits: jax.Array, params: SamplingParams, sha
 
 
 def _check_step_output(step_fn, logits, state, new_logits, new_state) -> None:
-    if getattr(new_logits, "shape", None) != logits.shape:
+    got = getattr(new_logits, "shape", type(new_logits).__name__)
+    if got != logits.shape:
         raise ValueError(
             f"jsample.decode: step_fn must return logits of shape {tuple(logits.shape)} (the "
-            f"initial logits' shape), got {getattr(new_logits, 'shape', type(new_logits).__name__)}."
+            f"initial logits' shape), got {got}."
         )
     shapes = lambda tree: jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), tree)
     if jax.tree.structure(state) != jax.tree.structure(new_state) or \

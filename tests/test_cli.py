@@ -1,4 +1,4 @@
-"""The ``jsample`` command line: in-process for behaviour, two subprocesses for the real entry points."""
+"""The ``jsample`` command line: in-process for behaviour, subprocesses for the entry points."""
 
 import os
 import subprocess
@@ -105,4 +105,5 @@ def test_console_script_reports_bad_input_without_a_traceback():
         pytest.skip("the jsample console script is not installed in this environment")
     done = _subprocess(str(script), "demo", "--top-p", "2")
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr == "jsample demo: error: argument --top-p: must be a number in [0, 1], got 2.0\n"
+    assert done.stderr == (
+        "jsample demo: error: argument --top-p: must be a number in [0, 1], got 2.0\n")

@@ -76,7 +76,7 @@ def _prefill(graphdef, weights, tokens, lengths):
 
 
 def prefill(model: Transformer, prompts: Sequence[str]) -> tuple[ModelStep, Any, jax.Array]:
-    """Reads ``prompts``; returns ``(step_fn, state, logits)``, the arguments of :func:`jsample.decode`.
+    """Reads ``prompts``; returns ``(step_fn, state, logits)`` for :func:`jsample.decode`.
 
     Example:
       >>> import jax, jsample as js

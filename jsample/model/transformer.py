@@ -120,7 +120,8 @@ class Transformer(nnx.Module):
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> from jsample.model import Config, Transformer
-      >>> model = Transformer(Config(dim=32, heads=2, layers=1, hidden=64, window=16), rngs=nnx.Rngs(0))
+      >>> config = Config(dim=32, heads=2, layers=1, hidden=64, window=16)
+      >>> model = Transformer(config, rngs=nnx.Rngs(0))
       >>> logits, cache = model.prefill(jnp.array([[72, 105, 0], [79, 107, 33]]), jnp.array([2, 3]))
       >>> logits.shape, cache.length.tolist()
       ((2, 256), [2, 3])
@@ -131,8 +132,8 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: Config, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = nnx.Embed(config.vocab, config.dim, embedding_init=nnx.initializers.normal(0.02),
-                               rngs=rngs)
+        self.embed = nnx.Embed(config.vocab, config.dim,
+                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.layers)])
         self.norm = nnx.RMSNorm(config.dim, rngs=rngs)
 
@@ -185,7 +186,8 @@ class Transformer(nnx.Module):
         # such slot is overwritten by a real token before it becomes visible.
         fill = lambda buf, new: buf.at[:, :, :t].set(jnp.stack(new))
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return self._logits(last), Cache(fill(cache.keys, keys), fill(cache.values, values), lengths)
+        cache = Cache(fill(cache.keys, keys), fill(cache.values, values), lengths)
+        return self._logits(last), cache
 
     def step(self, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
         """Feeds one token per row; returns the logits float32 ``[B, vocab]`` for the next one."""

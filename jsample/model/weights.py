@@ -64,7 +64,9 @@ def load(path: str | Path = WEIGHTS) -> Transformer:
         name = _key(p)
         if name not in stored or stored[name].shape != var.shape:
             found = stored[name].shape if name in stored else "nothing"
-            raise ValueError(f"{path}: parameter {name} should have shape {var.shape}, found {found}.")
+            raise ValueError(
+                f"{path}: parameter {name} should have shape {var.shape}, found {found}."
+            )
         filled.append((p, var.replace(jnp.asarray(stored.pop(name), jnp.float32))))
     if stored:
         raise ValueError(f"{path}: unexpected parameters {sorted(stored)}.")
