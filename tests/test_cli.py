@@ -62,6 +62,7 @@ def test_greedy_demo_ignores_the_seed(capsys):
     (["demo", "--num-samples", "0"], "argument --num-samples: must be an integer in [1, 1024]"),
     (["demo", "--top-p-rule", "nucleus"], "argument --top-p-rule: invalid choice: 'nucleus'"),
     (["demo", "--prompt", "x" * 500], "--prompt is 500 bytes; the model reads at most 128"),
+    (["demo", "--prompt", "\udcff"], "--prompt is not valid UTF-8"),  # an undecodable argv byte
     (["sample"], "invalid choice: 'sample'"),
     ([], "the following arguments are required: command"),
 ])
