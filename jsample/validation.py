@@ -87,9 +87,11 @@ def normalize_param(name: str, value: Any, dtype: type) -> Any:
         not isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
     ):
         if isinstance(value, (bool, str, list, tuple)):
-            hint = {bool: " (use an int or a float)", list: " (wrap per-row values in "
-                    "np.asarray or jnp.asarray)", tuple: " (wrap per-row values in np.asarray or "
-                    "jnp.asarray)"}.get(type(value), "")
+            hint = ""
+            if isinstance(value, bool):
+                hint = " (use an int or a float)"
+            elif isinstance(value, (list, tuple)):
+                hint = " (wrap per-row values in np.asarray or jnp.asarray)"
             raise TypeError(f"{name} must be a number or an array, got {type(value).__name__}{hint}.")
         return value
     host = np.asarray(value)
@@ -224,7 +226,7 @@ def check_uniform(u: Any, batch_shape: tuple[int, ...], fn: str) -> jax.Array:
     if not hasattr(u, "dtype"):
         u = np.asarray(u)
     if not (jnp.issubdtype(u.dtype, jnp.floating) or jnp.issubdtype(u.dtype, jnp.integer)):
-        raise TypeError(f"{fn}: u must be a float array, got dtype {u.dtype}.")
+        raise TypeError(f"{fn}: u must be a real-valued array, got dtype {u.dtype}.")
     if tuple(u.shape) != tuple(batch_shape):
         raise ValueError(
             f"{fn}: u must have the logits' batch shape {tuple(batch_shape)} (one uniform per "
