@@ -162,13 +162,14 @@ def test_mismatched_shapes_raise_naming_the_argument(batch_shape, wrong, data):
             js.sample_from_uniform(np.zeros(bad_shape, np.float32), logits)
 
 
+# The same program as tests/test_validation.py's, name included: the persistent compilation
+# cache then compiles it once for both modules.
 @jax.jit
 @js.checked
-def _traced(keys, logits, u, temperature, top_k, top_p, min_p):
+def _traced_program(keys, logits, temperature, top_k, top_p, min_p, u):
     params = js.SamplingParams(temperature, top_k, top_p, min_p)
     tokens, logprobs = js.sample(keys, logits, params, return_logprobs=True)
-    replay = js.sample_from_uniform(u, logits, params)
-    return tokens, logprobs, js.probs(logits, params), replay
+    return tokens, logprobs, js.probs(logits, params), js.sample_from_uniform(u, logits, params)
 
 
 @settings(max_examples=40)
@@ -182,9 +183,9 @@ def test_traced_values_never_raise_and_checked_mode_reports_exactly_the_bad_ones
     top_k = np.where(values["top_k"] == 2.5, -1, values["top_k"]).astype(np.int32)
     values["top_k"] = top_k
     f32 = lambda name: np.asarray(values[name], np.float32)
-    err, (tokens, logprobs, probs, replay) = _traced(
-        jax.random.split(jax.random.key(2), ROWS), jnp.asarray(x), jnp.asarray(u),
-        f32("temperature"), top_k, f32("top_p"), f32("min_p"))
+    err, (tokens, logprobs, probs, replay) = _traced_program(
+        jax.random.split(jax.random.key(2), ROWS), jnp.asarray(x), f32("temperature"), top_k,
+        f32("top_p"), f32("min_p"), jnp.asarray(u))
     _check_result(tokens, logprobs, probs, patterns, (ROWS,))
     replay = np.asarray(replay)
     assert np.all((replay >= 0) & (replay < V))
