@@ -86,9 +86,14 @@ def param_values(draw, batch_shape=None):
         pool = [v for v in POOLS[name] if allow_invalid or VALID[name](v)]
         shapes = [()] if batch_shape is None else [(), batch_shape, batch_shape[-1:], (1,) * len(batch_shape)]
         shape = draw(st.sampled_from(shapes))
-        values = draw(st.lists(st.sampled_from(pool), min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+        size = int(np.prod(shape))
+        values = draw(st.lists(st.sampled_from(pool), min_size=size, max_size=size))
         out[name] = values[0] if shape == () else np.array(values, np.float32).reshape(shape)
     return out
+
+
+def _per_row(values):
+    return {name: np.broadcast_to(np.asarray(v), (ROWS,)) for name, v in values.items()}
 
 
 def _first_invalid(values):
@@ -150,11 +155,12 @@ def test_mismatched_shapes_raise_naming_the_argument(batch_shape, wrong, data):
     bad_shape = data.draw(st.sampled_from([(5,), (7,), (2, 2), batch_shape + (2,)]))
     if wrong == "key":
         keys = jax.random.split(jax.random.key(0), int(np.prod(bad_shape))).reshape(bad_shape)
-        with pytest.raises(ValueError, match=r"jsample\.sample: a batch of keys must have the logits' batch shape"):
+        message = r"jsample\.sample: a batch of keys must have the logits' batch shape"
+        with pytest.raises(ValueError, match=message):
             js.sample(keys, logits)
     elif wrong == "param":
         name = data.draw(st.sampled_from(FIELDS))
-        params = js.SamplingParams(**{name: np.ones(bad_shape, np.int32 if name == "top_k" else np.float32) * 0})
+        params = js.SamplingParams(**{name: np.zeros(bad_shape, np.int32 if name == "top_k" else np.float32)})
         with pytest.raises(ValueError, match=rf"SamplingParams\.{name} has shape"):
             js.probs(logits, params)
     else:
@@ -176,7 +182,7 @@ def _traced_program(keys, logits, temperature, top_k, top_p, min_p, u):
 @given(case=logits_cases(), data=st.data())
 def test_traced_values_never_raise_and_checked_mode_reports_exactly_the_bad_ones(case, data):
     _, _, patterns, x = case
-    values = {name: np.broadcast_to(np.asarray(v), (ROWS,)) for name, v in data.draw(param_values((ROWS,))).items()}
+    values = _per_row(data.draw(param_values((ROWS,))))
     u = np.asarray(data.draw(st.lists(st.sampled_from([0.0, 0.3, 0.999, -0.5, 1.0, NAN]),
                                       min_size=ROWS, max_size=ROWS)), np.float32)
     # top_k is int32 under jit: 2.5 has no traced form, -1 stays as the invalid value.
@@ -214,7 +220,7 @@ def _decode(table, logits, keys, eos_id, temperature, top_k, top_p, min_p):
        data=st.data())
 def test_decode_gives_valid_sequences_under_any_values(case, table_seed, eos_id, data):
     _, _, patterns, x = case
-    values = {name: np.broadcast_to(np.asarray(v), (ROWS,)) for name, v in data.draw(param_values((ROWS,))).items()}
+    values = _per_row(data.draw(param_values((ROWS,))))
     # The next logits of token t are row t of the table, itself corrupted row by row.
     table = _rows_of(np.random.default_rng(table_seed).choice(PATTERNS, V), table_seed, 3.0, 1e30)
     top_k = np.where(values["top_k"] == 2.5, -1, values["top_k"]).astype(np.int32)

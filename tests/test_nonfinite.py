@@ -33,19 +33,23 @@ def _clean(seed, dtype):
 
 
 def _corrupt(clean, rows):
-    """``clean`` with the named rows replaced by non-finite patterns; returns (logits, finite_rows)."""
+    """``clean`` with the rows named in ``rows`` (row -> pattern) made non-finite."""
     x = np.array(clean, np.float32)
-    argmax = np.argmax(x, axis=-1)
-    patterns = {
-        "nan_at_max": lambda r: r.__setitem__([argmax[row], 0, V - 1], NAN),
-        "all_nan": lambda r: r.__setitem__(slice(None), NAN),
-        "all_neg_inf": lambda r: r.__setitem__(slice(None), -INF),
-        "nan_and_neg_inf": lambda r: (r.__setitem__(slice(None, None, 2), NAN), r.__setitem__(slice(1, None, 2), -INF)),
-        "pos_inf_pair": lambda r: r.__setitem__([17, 200], INF),
-        "one_finite": lambda r: (r.__setitem__(slice(None), NAN), r.__setitem__(123, 0.5)),
-    }
-    for row, name in rows.items():
-        patterns[name](x[row])
+    for row, pattern in rows.items():
+        r = x[row]
+        if pattern == "nan_at_max":
+            r[[np.argmax(r), 0, V - 1]] = NAN
+        elif pattern == "all_nan":
+            r[:] = NAN
+        elif pattern == "all_neg_inf":
+            r[:] = -INF
+        elif pattern == "nan_and_neg_inf":
+            r[::2], r[1::2] = NAN, -INF
+        elif pattern == "pos_inf_pair":
+            r[[17, 200]] = INF
+        elif pattern == "one_finite":
+            r[:] = NAN
+            r[123] = 0.5
     return jnp.asarray(x.astype(clean.dtype))
 
 

@@ -79,7 +79,8 @@ class TestParameterValues:
             assert int(js.SamplingParams(top_k=value).top_k) == np.iinfo(np.int32).max
 
     def test_static_settings(self):
-        with pytest.raises(ValueError, match=r"top_p_rule must be one of \('inclusive', 'exclusive'\), got 'nucleus'"):
+        rules = r"\('inclusive', 'exclusive'\)"
+        with pytest.raises(ValueError, match=rf"top_p_rule must be one of {rules}, got 'nucleus'"):
             js.SamplingParams(top_p_rule="nucleus")
         with pytest.raises(ValueError, match=r"candidates must be a Python int >= 1, got 0"):
             js.SamplingParams(candidates=0)
@@ -92,7 +93,8 @@ class TestParameterValues:
 
     def test_a_rebuilt_params_with_a_placeholder_leaf_is_rejected_on_use(self):
         params = js.SamplingParams().replace(top_p=None)
-        with pytest.raises(TypeError, match=r"SamplingParams.top_p must be a number or an array, got NoneType"):
+        message = r"SamplingParams.top_p must be a number or an array, got NoneType"
+        with pytest.raises(TypeError, match=message):
             js.probs(_logits(), params)
 
     def test_float_top_k_under_jit_raises(self):
@@ -145,7 +147,8 @@ class TestKeys:
     @pytest.mark.parametrize("shape", [(3,), (B, 1), (1, B)])
     def test_key_batch_must_match_the_logits_batch(self, shape):
         keys = jax.random.split(jax.random.key(0), int(np.prod(shape))).reshape(shape)
-        with pytest.raises(ValueError, match=rf"logits' batch shape \({B},\), got key batch shape {re_tuple(shape)}"):
+        message = rf"logits' batch shape \({B},\), got key batch shape {re_tuple(shape)}"
+        with pytest.raises(ValueError, match=message):
             js.sample(keys, _logits())
 
     def test_legacy_uint32_keys_are_accepted_singly_and_per_row(self):
@@ -165,7 +168,9 @@ class TestParameterShapes:
     def test_parameters_that_do_not_broadcast_to_the_batch_raise(self, field, value):
         params = js.SamplingParams(**{field: value})
         shape = re_tuple(np.shape(value))
-        for fn in (lambda: js.sample(jax.random.key(0), _logits(), params), lambda: js.probs(_logits(), params)):
+        calls = (lambda: js.sample(jax.random.key(0), _logits(), params),
+                 lambda: js.probs(_logits(), params))
+        for fn in calls:
             with pytest.raises(ValueError, match=rf"SamplingParams\.{field} has shape {shape}, .* \({B},\)"):
                 fn()
 
@@ -295,7 +300,8 @@ class TestCheckedMode:
         assert np.array_equal(replay, js.sample_from_uniform(jnp.full(B, 0.5), _logits(5), params))
 
     @pytest.mark.parametrize("field, value, shown", [
-        ("temperature", -2.0, r"SamplingParams\.temperature must be a finite number >= 0 .*got -2\.0 at row 3"),
+        ("temperature", -2.0,
+         r"SamplingParams\.temperature must be a finite number >= 0 .*got -2\.0 at row 3"),
         ("temperature", INF, r"SamplingParams\.temperature .*got inf at row 3"),
         ("top_p", NAN, r"SamplingParams\.top_p must be a number in \[0, 1\] .*got nan at row 3"),
         ("top_p", 1.5, r"SamplingParams\.top_p .*got 1\.5 at row 3 .*; NaN was treated as 1"),
