@@ -1,0 +1,340 @@
+"""Benchmark suite: jsample against the floor (one pass over the logits) and its peers.
+
+Run ``python -m jsample bench`` (or ``python benchmarks/run.py``). Every cell of the grid times,
+on the same logits in the same process, interleaved round by round so that machine noise hits all
+of them alike:
+
+* ``floor``: one jitted ``max`` over the logits, the cost of reading them once;
+* ``jsample``: ``jax.jit(js.sample)``;
+* ``jax``: the obvious JAX pipeline (``lax.top_k`` or a full sort for top-p, softmax, cumsum
+  mask, ``jax.random.categorical``);
+* ``hf-flax``: transformers' Flax warpers (``transformers<5``) and ``jax.random.categorical``;
+* ``torch-seed``: the seed article's per-row PyTorch ``do_sampling`` (:mod:`jsample.reference`);
+* ``torch-fast``: the best plain-torch pipeline (``torch.topk`` first, softmax, cumsum mask,
+  ``torch.multinomial``), batched.
+
+Medians and ratios to the floor are printed as a markdown table with the device, the versions
+and the date. Peers that cannot run a configuration (no min-p warper in Flax) show ``n/a``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsample as js
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+
+CONFIGS = (
+    Config("greedy", temperature=0.0),
+    Config("temperature", temperature=0.7),
+    Config("top-k 50", temperature=0.7, top_k=50),
+    Config("top-p 0.9", top_p=0.9),
+    Config("top-k 50 + top-p 0.9", temperature=0.7, top_k=50, top_p=0.9),
+    Config("min-p 0.05", min_p=0.05),
+)
+IMPLS = ("floor", "jsample", "jax", "hf-flax", "torch-seed", "torch-fast")
+
+
+def make_logits(rows: int, vocab: int, profile: str, seed: int = 0) -> np.ndarray:
+    """float32 ``[rows, vocab]``: "peaked" is Zipf-like and permuted per row, "flat" is N(0, 3)."""
+    rng = np.random.default_rng(seed)
+    if profile == "flat":
+        return rng.normal(0.0, 3.0, (rows, vocab)).astype(np.float32)
+    base = -1.5 * np.log(np.arange(1, vocab + 1))
+    out = np.empty((rows, vocab), np.float32)
+    for r in range(rows):
+        out[r] = rng.permutation(base + rng.normal(0.0, 0.5, vocab))
+    return out
+
+
+# ---------------------------------------------------------------------------- implementations
+def _jsample(cfg: Config, candidates: int):
+    params = js.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                               min_p=cfg.min_p, candidates=candidates)
+    fn = jax.jit(lambda key, x, p: js.sample(key, x, p))
+    return lambda key, x: fn(key, x, params)
+
+
+def _jax_obvious(cfg: Config):
+    """What a JAX user writes by hand: top_k (or a full sort), softmax, cumsum mask, categorical."""
+
+    @jax.jit
+    def run(key, x):
+        x = x.astype(jnp.float32)
+        if cfg.temperature == 0:
+            return jnp.argmax(x, axis=-1)
+        x = x / cfg.temperature
+        if cfg.min_p > 0:
+            probs = jax.nn.softmax(x, axis=-1)
+            keep = probs >= cfg.min_p * probs.max(axis=-1, keepdims=True)
+            return jax.random.categorical(key, jnp.where(keep, x, -jnp.inf))
+        if cfg.top_k == 0 and cfg.top_p >= 1:
+            return jax.random.categorical(key, x)
+        k = cfg.top_k or x.shape[-1]
+        values, indices = jax.lax.top_k(x, k)
+        if cfg.top_p < 1:
+            cum = jnp.cumsum(jax.nn.softmax(values, axis=-1), axis=-1)
+            values = jnp.where(cum - jax.nn.softmax(values, axis=-1) < cfg.top_p, values, -jnp.inf)
+        choice = jax.random.categorical(key, values)
+        return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+
+    return run
+
+
+def _hf_flax(cfg: Config):
+    try:
+        from transformers.generation import flax_logits_process as hf
+    except Exception:  # transformers absent or without its Flax warpers
+        return None
+    if cfg.min_p > 0:
+        return None
+    warpers = []
+    if cfg.temperature not in (0.0, 1.0):
+        warpers.append(hf.FlaxTemperatureLogitsWarper(cfg.temperature))
+    if cfg.top_k:
+        warpers.append(hf.FlaxTopKLogitsWarper(cfg.top_k))
+    if cfg.top_p < 1:
+        warpers.append(hf.FlaxTopPLogitsWarper(cfg.top_p))
+
+    @jax.jit
+    def run(key, x):
+        x = x.astype(jnp.float32)
+        if cfg.temperature == 0:
+            return jnp.argmax(x, axis=-1)
+        for warp in warpers:
+            x = warp(None, x, 0)
+        return jax.random.categorical(key, x)
+
+    return run
+
+
+def _torch_seed(cfg: Config):
+    import torch
+
+    from jsample import reference
+
+    top_p = cfg.top_p if cfg.top_p < 1 else 0.0  # the seed's "off" is top_p <= 0
+    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+
+    def run(generator, x):
+        if cfg.temperature == 0:
+            return torch.argmax(x, dim=-1)
+        return reference.seed_sample(x, temperature, cfg.top_k, top_p, generator=generator)
+
+    return run if cfg.min_p == 0 else None
+
+
+def _torch_fast(cfg: Config):
+    import torch
+
+    def run(generator, x):
+        x = x.float()
+        if cfg.temperature == 0:
+            return torch.argmax(x, dim=-1)
+        x = x / cfg.temperature
+        if cfg.min_p > 0:
+            probs = torch.softmax(x, dim=-1)
+            probs = probs * (probs >= cfg.min_p * probs.amax(dim=-1, keepdim=True))
+            return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if cfg.top_k == 0 and cfg.top_p >= 1:
+            return torch.multinomial(torch.softmax(x, dim=-1), 1, generator=generator)[:, 0]
+        if cfg.top_k:
+            values, indices = torch.topk(x, cfg.top_k, dim=-1)
+        else:
+            values, indices = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(values, dim=-1)
+        if cfg.top_p < 1:
+            cum = torch.cumsum(probs, dim=-1)
+            probs = probs * (cum - probs < cfg.top_p)
+        choice = torch.multinomial(probs, 1, generator=generator)
+        return torch.gather(indices, -1, choice)[:, 0]
+
+    return run
+
+
+# --------------------------------------------------------------------------------- timing
+def _timer(impl: str, cfg: Config, x_np: np.ndarray, dtype: str, device, candidates: int
+           ) -> Callable[[], None] | None:
+    """A zero-argument callable that runs ``impl`` once and waits for its result, or None."""
+    if impl in ("torch-seed", "torch-fast"):
+        try:
+            import torch
+        except ImportError:
+            return None
+        fn = (_torch_seed if impl == "torch-seed" else _torch_fast)(cfg)
+        if fn is None:
+            return None
+        x = torch.from_numpy(x_np)
+        x = x.to(torch.bfloat16) if dtype == "bf16" else x
+        generator = torch.Generator().manual_seed(0)
+        return lambda: fn(generator, x)
+    x = jax.device_put(jnp.asarray(x_np, jnp.bfloat16 if dtype == "bf16" else jnp.float32), device)
+    key = jax.device_put(jax.random.key(0), device)
+    if impl == "floor":
+        fn = jax.jit(lambda k, v: jnp.max(v, axis=-1))
+    elif impl == "jsample":
+        fn = _jsample(cfg, candidates)
+    elif impl == "jax":
+        fn = _jax_obvious(cfg)
+    else:
+        fn = _hf_flax(cfg)
+        if fn is None:
+            return None
+    return lambda: jax.block_until_ready(fn(key, x))
+
+
+def time_cell(cfg: Config, rows: int, vocab: int, dtype: str, profile: str, impls=IMPLS,
+              reps: int = 7, budget_s: float = 20.0, device=None, candidates: int = 64) -> dict:
+    """Median seconds per implementation for one cell, runs interleaved round by round.
+
+    An implementation whose first call takes longer than ``budget_s / reps`` gets fewer rounds
+    (at least 3), so the slowest peers do not dominate the wall time; ``runs`` says how many.
+    """
+    x_np = make_logits(rows, vocab, profile)
+    timers = {name: _timer(name, cfg, x_np, dtype, device, candidates) for name in impls}
+    times: dict[str, list[float]] = {name: [] for name, t in timers.items() if t is not None}
+    limit: dict[str, int] = {}
+    for name in times:
+        start = time.perf_counter()
+        timers[name]()  # compile and warm up
+        first = time.perf_counter() - start
+        limit[name] = reps if first * reps < budget_s else 3
+    for round_ in range(reps):
+        for name in times:
+            if round_ < limit[name]:
+                start = time.perf_counter()
+                timers[name]()
+                times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(ts), "runs": len(ts)} for name, ts in times.items()}
+
+
+def environment(device) -> dict:
+    versions = {"jax": jax.__version__, "jsample": js.__version__, "numpy": np.__version__}
+    for mod in ("torch", "transformers", "flax"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = "absent"
+    dev = device or jax.devices()[0]
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}",
+        "machine": f"{platform.processor() or platform.machine()}, {jax.local_device_count()} JAX device(s)",
+        "versions": versions,
+    }
+
+
+def table(results: list[dict], env: dict) -> str:
+    """Markdown: one line per cell, median milliseconds and the ratio to the floor."""
+    head = [f"Measured {env['date']} on {env['device']} ({env['machine']}); "
+            + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".", "",
+            "| B | V | dtype | logits | config | " + " | ".join(IMPLS) + " |",
+            "|---|---|---|---|---|" + "---|" * len(IMPLS)]
+    for r in results:
+        floor = r["times"]["floor"]["median_s"]
+        cells = []
+        for name in IMPLS:
+            t = r["times"].get(name)
+            if t is None:
+                cells.append("n/a")
+            elif name == "floor":
+                cells.append(f"{t['median_s'] * 1e3:.2f} ms")
+            else:
+                cells.append(f"{t['median_s'] * 1e3:.2f} ms ({t['median_s'] / floor:.1f}x)")
+        head.append(f"| {r['rows']} | {r['vocab']} | {r['dtype']} | {r['profile']} | {r['config']} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(head)
+
+
+def plot(results: list[dict], path: str, config: str = "top-k 50 + top-p 0.9") -> None:
+    """Time vs vocabulary size for one configuration (largest batch, float32, peaked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in results if r["config"] == config and r["dtype"] == "f32"
+              and r["profile"] == "peaked"]
+    if not chosen:
+        return
+    rows = max(r["rows"] for r in chosen)
+    chosen = sorted((r for r in chosen if r["rows"] == rows), key=lambda r: r["vocab"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in IMPLS:
+        pts = [(r["vocab"], r["times"][name]["median_s"] * 1e3) for r in chosen if name in r["times"]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("vocabulary size")
+    ax.set_ylabel("median time per call (ms)")
+    ax.set_title(f"{config}, B={rows}, float32, peaked logits")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jsample bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 256000])
+    parser.add_argument("--dtype", nargs="+", default=["f32", "bf16"], choices=["f32", "bf16"])
+    parser.add_argument("--profile", nargs="+", default=["peaked", "flat"], choices=["peaked", "flat"])
+    parser.add_argument("--config", nargs="+", default=[c.name for c in CONFIGS],
+                        choices=[c.name for c in CONFIGS], metavar="CONFIG")
+    parser.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--reps", type=int, default=7, help="timed rounds per cell (default 7)")
+    parser.add_argument("--candidates", type=int, default=64, help="SamplingParams.candidates")
+    parser.add_argument("--device", default=None, help="cpu, gpu or tpu (default: JAX's default)")
+    parser.add_argument("--quick", action="store_true", help="one small cell per config (a smoke run)")
+    parser.add_argument("--out", default=None, help="write the markdown table and a JSON file here")
+    parser.add_argument("--plot", default=None, help="write a PNG of time vs vocabulary size here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.vocab, args.dtype, args.profile, args.reps = [4], [4096], ["f32"], ["peaked"], 3
+    device = jax.devices(args.device)[0] if args.device else None
+
+    from tqdm import tqdm
+
+    cells = [(c, b, v, d, p) for c in CONFIGS if c.name in args.config for v in args.vocab
+             for b in args.rows for d in args.dtype for p in args.profile]
+    results = []
+    for cfg, rows, vocab, dtype, profile in tqdm(cells, desc="benchmark", unit="cell", file=sys.stderr):
+        times = time_cell(cfg, rows, vocab, dtype, profile, impls=["floor", *[i for i in args.impl if i != "floor"]],
+                          reps=args.reps, device=device, candidates=args.candidates)
+        results.append({"config": cfg.name, "rows": rows, "vocab": vocab, "dtype": dtype,
+                        "profile": profile, "times": times})
+    env = environment(device)
+    text = table(results, env)
+    print(text)
+    if args.out:
+        with open(args.out + ".md", "w") as f:
+            f.write(text + "\n")
+        with open(args.out + ".json", "w") as f:
+            json.dump({"env": env, "results": results}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    return 0
