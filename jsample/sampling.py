@@ -256,10 +256,7 @@ def log_probs(logits: jax.Array, params: SamplingParams | None = None) -> jax.Ar
       >>> bool(jnp.isneginf(lp[0]))
       True
     """
-    params = SamplingParams() if params is None else params
-    x, values, batch_shape = _prepare("jsample.log_probs", logits, params)
-    logp = _log_probs_rows(x, *values, rule=params.top_p_rule, count=params.candidates)
-    return logp.reshape(*batch_shape, x.shape[-1])
+    return _log_probs(logits, params, "jsample.log_probs")
 
 
 def probs(logits: jax.Array, params: SamplingParams | None = None) -> jax.Array:
@@ -274,4 +271,11 @@ def probs(logits: jax.Array, params: SamplingParams | None = None) -> jax.Array:
       >>> [round(float(v), 3) for v in p]
       [0.667, 0.333, 0.0, 0.0]
     """
-    return jnp.exp(log_probs(logits, params))
+    return jnp.exp(_log_probs(logits, params, "jsample.probs"))
+
+
+def _log_probs(logits, params, fn):
+    params = SamplingParams() if params is None else params
+    x, values, batch_shape = _prepare(fn, logits, params)
+    logp = _log_probs_rows(x, *values, rule=params.top_p_rule, count=params.candidates)
+    return logp.reshape(*batch_shape, x.shape[-1])
