@@ -120,13 +120,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(argv: list[str]) -> int:
-    try:
-        from jsample import benchmark
-    except ModuleNotFoundError as err:
-        if err.name != "jsample.benchmark":
-            raise
-        raise UsageError("jsample bench: error: this jsample has no benchmark suite "
-                         "(jsample/benchmark.py)") from None
+    from jsample import benchmark  # imported on demand: it pulls in tqdm and the peers
+
     return int(benchmark.main(argv) or 0)
 
 
