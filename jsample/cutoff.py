@@ -10,9 +10,20 @@ or dropped together, so the result never depends on token order):
   the top token(s); masses are taken on the tempered, top-k-renormalised distribution;
 * min-p keeps a token when ``exp((logit - max) / T) >= min_p``.
 
-The threshold comes from the row's top candidates when the kept set provably fits in them
-(:func:`candidate_cutoff`) and otherwise from an exact bisection over the whole vocabulary
-(:func:`full_thresholds`). Both evaluate the same rules.
+Each row takes the first of three tiers that can prove its answer; all evaluate the same rules:
+
+1. :func:`threshold_candidates` with ``candidates`` slots: a threshold ``L`` from the maxima of
+   groups of chunks (a short bisection on a ``[rows, vocab / 256]`` array), then every token
+   ``>= L``, collected in vocabulary order by four small compactions (groups, chunks, runs of
+   eight tokens, tokens),
+   and the rules applied to them by pairwise comparisons. No sort, no ``top_k``. The row is
+   certified when all tokens ``>= L`` fit and some filter provably drops every token below
+   ``L`` (top-k: at least ``k`` tokens are ``>= L``; top-p: their mass reaches ``top_p``;
+   min-p: ``L`` itself fails the min-p test).
+2. The same with four times the slots, for rows whose kept set is wider.
+3. :func:`full_thresholds`: an exact bisection over the whole vocabulary.
+
+:func:`candidate_cutoff` (the ``lax.top_k`` candidate tier) serves the sharded sampler.
 """
 
 from __future__ import annotations
@@ -23,7 +34,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jsample import selection
 from jsample.selection import LOWEST, Layout, first_argmax, smallest_true, top_candidates
+
+# Logit distance from the row maximum that the threshold search covers, per unit of temperature
+# above 1: a kept set reaching further down takes a slower tier, never a wrong answer.
+SEARCH_SPAN = 64.0
+# The wide tier has this many times the candidate slots.
+WIDE = 4
 
 
 class Rows(NamedTuple):
@@ -75,18 +93,21 @@ class Rows(NamedTuple):
 
 
 def prepare_rows(layout: Layout, temperature, top_k, top_p, min_p) -> Rows:
-    """``layout``: sanitised float32 logits; parameters: sanitised ``[N]``."""
-    row_max = layout.chunk_max.max(axis=-1)
+    """``layout``: sanitised logits; parameters: sanitised ``[N]``."""
+    # The barrier keeps XLA from merging this reduction with the one that made chunk_max into a
+    # second reduction over the logits.
+    row_max = lax.optimization_barrier(layout.chunk_max).max(axis=-1)
     valid = row_max > -jnp.inf
     greedy = temperature == 0
     vocab = layout.vocab
+    keep = selection.materialize
     return Rows(
         layout=layout,
-        row_max=jnp.where(valid, row_max, 0.0),
-        temperature=jnp.where(greedy, 1.0, temperature),
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
+        row_max=keep(jnp.where(valid, row_max, 0.0)),
+        temperature=keep(jnp.where(greedy, 1.0, temperature)),
+        top_k=keep(top_k),
+        top_p=keep(top_p),
+        min_p=keep(min_p),
         greedy=greedy,
         valid=valid,
         k_on=(top_k > 0) & (top_k < vocab),
@@ -95,8 +116,8 @@ def prepare_rows(layout: Layout, temperature, top_k, top_p, min_p) -> Rows:
 
 
 class Candidates(NamedTuple):
-    values: jax.Array  # [N, K] logits, descending
-    indices: jax.Array  # [N, K] int32 token ids
+    values: jax.Array  # [N, K] logits: descending (candidate_cutoff) or in token order
+    indices: jax.Array  # [N, K] int32 token ids (increasing from threshold_candidates)
     keep: jax.Array  # [N, K] bool: kept by every filter
     threshold: jax.Array  # [N] smallest logit kept by top-k and top-p
     certified: jax.Array  # [N] bool: the whole kept set lies among the candidates
@@ -148,23 +169,189 @@ def candidate_cutoff(rows: Rows, count: int, rule: str, full_mass: jax.Array) ->
     return Candidates(values, indices, keep, threshold, certified)
 
 
+def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array) -> Candidates:
+    """The first tier: every token at or above a per-row threshold, in vocabulary order.
+
+    ``full_mass`` is ``sum(exp(scaled))`` over the vocabulary, read by rows with top-p and no
+    top-k (ones elsewhere). Returns candidates with ``slots`` entries: values (``-inf`` after
+    the last one), token ids in increasing order, the kept flags, the top-k/top-p threshold and
+    the certificate (see the module docstring).
+    """
+    layout = rows.layout
+    n = rows.row_max.shape[0]
+    group_max, per_group = selection.group_max(layout)
+    groups = group_max.shape[1]
+    p_only = rows.p_on & ~rows.k_on
+    m_on = rows.min_p > 0
+
+    # The largest L that keeps at least k tokens at or above it (top-k rows), or whose group
+    # maxima alone already hold top_p of the mass (top-p rows): a group maximum >= L is a token
+    # >= L, so both are lower bounds on what the tokens >= L hold.
+    finite = group_max > -jnp.inf
+    weights = jnp.where(p_only[:, None], jnp.exp(rows.scaled(group_max)), 1.0)
+    target = jnp.where(p_only, rows.top_p * full_mass, rows.top_k.astype(jnp.float32))
+    lowest = jnp.min(jnp.where(finite, group_max, rows.row_max[:, None]), axis=1)
+    span = jnp.minimum(rows.row_max - lowest, SEARCH_SPAN * jnp.maximum(rows.temperature, 1.0))
+    searched = selection.bisect_threshold(group_max, weights, target, rows.row_max, span)
+    threshold = jnp.where(rows.k_on | p_only, searched, -jnp.inf)
+    # min-p keeps exp((x - max) / T) >= min_p: x >= max + T log(min_p), less a margin for the
+    # rounding of that expression (the exact test runs on the candidates).
+    # Rows with top-k and top-p renormalise over the whole top-k set, so they must collect it:
+    # min-p may not raise their threshold.
+    margin = 1e-3 * rows.temperature + 1e-6 * jnp.abs(rows.row_max)
+    min_p_cut = rows.row_max + rows.temperature * jnp.log(rows.min_p) - margin
+    m_on = m_on & ~(rows.k_on & rows.p_on)
+    threshold = selection.materialize(
+        jnp.where(m_on, jnp.maximum(threshold, min_p_cut), threshold)
+    )
+    at_least = lambda v: (v >= threshold.reshape(-1, *(1,) * (v.ndim - 1))) & (v > -jnp.inf)
+
+    # Groups holding a token >= L, then their chunks holding one, then the runs of RUN tokens
+    # in those chunks holding one, then those tokens: four compactions of small arrays.
+    group_ids = jnp.broadcast_to(jnp.arange(groups, dtype=jnp.int32), (n, groups))
+    (group_id,), group_count = selection.compact(at_least(group_max), (group_ids,), slots, (0,))
+    open_slot = lambda count, a: jnp.where(
+        (jnp.arange(slots) < count[:, None]).reshape(n, slots, *(1,) * (a.ndim - 2)), a, -jnp.inf
+    )
+    chunk_max = selection.pad_columns(layout.chunk_max, groups * per_group, -jnp.inf)
+    chunk_max = selection.gather_rows(chunk_max.reshape(n, groups, per_group), group_id)
+    chunk_max = open_slot(group_count, chunk_max)
+    chunk_ids = group_id[:, :, None] * per_group + jnp.arange(per_group, dtype=jnp.int32)
+    (chunk_id,), chunk_count = selection.compact(
+        at_least(chunk_max).reshape(n, -1), (chunk_ids.reshape(n, -1),), slots, (0,)
+    )
+    chunk_id = jnp.minimum(chunk_id, layout.chunks - 1)
+    values = open_slot(chunk_count, layout.chunk_values(chunk_id))  # [n, slots, chunk]
+    run = selection.RUN if layout.chunk % selection.RUN == 0 else layout.chunk
+    runs = values.reshape(n, -1, run)  # [n, slots * chunk / run, run]
+    run_ids = jnp.broadcast_to(jnp.arange(runs.shape[1], dtype=jnp.int32), runs.shape[:2])
+    (run_id,), run_count = selection.compact(
+        at_least(selection.tree_max(runs)), (run_ids,), slots, (0,)
+    )
+    runs = open_slot(run_count, selection.gather_rows(runs, run_id))  # [n, slots, run]
+    per_chunk = layout.chunk // run
+    first_token = (
+        jnp.take_along_axis(chunk_id, run_id // per_chunk, axis=1) * layout.chunk
+        + run_id % per_chunk * run
+    )
+    token_ids = first_token[:, :, None] + jnp.arange(run, dtype=jnp.int32)
+    (values, indices), count = selection.compact(
+        at_least(runs).reshape(n, -1),
+        (runs.reshape(n, -1), token_ids.reshape(n, -1)),
+        slots,
+        (-jnp.inf, 0),
+    )
+    fits = (group_count <= slots) & (chunk_count <= slots) & (run_count <= slots) & (count <= slots)
+
+    keep_kp, weight, mass = _apply_rules(rows, values, rule, full_mass)
+    taken = selection.tree_sum(jnp.where(values > -jnp.inf, weight, 0.0))
+    enough_p = taken >= rows.top_p * full_mass if rule == "inclusive" else taken > rows.top_p * full_mass
+    proof = (
+        (rows.k_on & (count >= rows.top_k))
+        | (p_only & enough_p)
+        | (m_on & (jnp.exp(rows.scaled(threshold)) < rows.min_p))
+    )
+    return Candidates(
+        values=values,
+        indices=indices,
+        keep=keep_kp & (weight >= rows.min_p[:, None]),
+        threshold=jnp.min(jnp.where(keep_kp, values, jnp.inf), axis=1),
+        certified=fits & proof,
+    )
+
+
+def _apply_rules(rows: Rows, values: jax.Array, rule: str, full_mass: jax.Array):
+    """Top-k and top-p on candidate ``values`` ``[N, M]`` (any order, ``-inf`` for empty slots)
+    that hold every token the row could keep.
+
+    Pairwise comparisons replace the sort: a token's top-k rank is the number of strictly larger
+    candidates, and the mass above it a product of the comparison matrix with the weights.
+    Returns ``(kept by top-k and top-p [N, M], weights [N, M], top-k mass [N])``.
+    """
+    weight = jnp.exp(rows.scaled(values))
+    present = values > -jnp.inf
+    larger = jnp.where(values[:, None, :] > values[:, :, None], 1.0, 0.0)  # [n, i, j]: v_j > v_i
+    rank = jnp.sum(larger, axis=2)
+    keep_k = (~rows.k_on[:, None] | (rank < rows.top_k[:, None])) & present
+    kept_weight = jnp.where(keep_k, weight, 0.0)
+    # Masses in a fixed order (a matrix product may round differently with the batch size).
+    mass = jnp.where(rows.k_on, selection.tree_sum(kept_weight), full_mass)
+    budget = (rows.top_p * mass)[:, None]
+    if rule == "inclusive":
+        keep_p = selection.tree_sum(larger * kept_weight[:, None, :]) < budget
+    else:
+        at_least = values[:, None, :] >= values[:, :, None]
+        keep_p = selection.tree_sum(jnp.where(at_least, kept_weight[:, None, :], 0.0)) <= budget
+    keep_p = ~rows.p_on[:, None] | keep_p | (rank == 0)
+    return keep_k & keep_p, weight, mass
+
+
+def map_rows(fn, rows: Rows, *per_row):
+    """``fn(rows_block, *per_row_block)`` over row blocks (see :func:`selection.map_row_blocks`).
+
+    For passes that materialise a transform of the logits, e.g. ``exp``: the block keeps that
+    temporary small. ``fn`` returns arrays with one leading row axis.
+    """
+    layout = rows.layout
+    fields = rows._replace(layout=layout.chunk_max)
+
+    def block(x, fields, *extra):
+        part = fields._replace(layout=layout._replace(x=x, chunk_max=fields.layout))
+        return fn(part, *extra)
+
+    return selection.map_row_blocks(block, layout.x, fields, *per_row)
+
+
+def chunk_masses(rows: Rows, threshold: jax.Array | None = None) -> jax.Array:
+    """float32 ``[N, chunks]``: each chunk's unnormalised probability mass.
+
+    Tokens count when ``>= threshold`` (per row; all of them when None) and when they pass
+    min-p. One ``exp`` pass over the logits, summed in a fixed order (see
+    :func:`selection.chunk_sums`), so a row's masses never depend on the rest of the batch.
+    """
+    chunk = rows.layout.chunk
+    if threshold is None:
+        return map_rows(
+            lambda r: selection.chunk_sums(lambda v: jnp.exp(r.scaled(v)), r.layout.x, chunk),
+            rows,
+        )
+    return map_rows(
+        lambda r, t: selection.chunk_sums(lambda v: r.weights(v, t), r.layout.x, chunk),
+        rows,
+        threshold,
+    )
+
+
 def full_mass(rows: Rows) -> jax.Array:
-    return jnp.sum(jnp.exp(rows.scaled(rows.layout.x)), axis=1)
+    """``sum(exp(scaled))`` over each row, float32 ``[N]``."""
+    return selection.tree_sum(chunk_masses(rows))
 
 
 def full_thresholds(rows: Rows, rule: str, active: jax.Array) -> jax.Array:
     """Exact per-row thresholds over the whole vocabulary by bisection (no sort)."""
-    x = rows.layout.x
+    return map_rows(lambda r, a: _full_thresholds(r, rule, a), rows, active)
+
+
+def _full_thresholds(rows: Rows, rule: str, active: jax.Array) -> jax.Array:
+    layout = rows.layout
+    x = layout.x
+    # Counts are exact in any order; masses are summed in a fixed order (batch-independent).
+    total = lambda keep, w: selection.tree_sum(
+        selection.chunk_sums(lambda v: jnp.where(keep(v), w(v), 0.0), x, layout.chunk)
+    )
+    one = lambda y: jnp.ones(y.shape, jnp.float32)
+    per_row = lambda v, y: v.reshape(-1, *(1,) * (y.ndim - 1))
     need_k = active & rows.k_on
     k_threshold = smallest_true(
-        lambda v: jnp.sum(x > v[:, None], axis=1) < rows.top_k, rows.row_max, need_k
+        lambda v: total(lambda y: y > per_row(v, y), one) < rows.top_k, rows.row_max, need_k
     )
     weight = jnp.where(x >= k_threshold[:, None], jnp.exp(rows.scaled(x)), 0.0)
-    budget = rows.top_p * jnp.sum(weight, axis=1)
+    weight_of = lambda y: weight.reshape(y.shape)
+    budget = rows.top_p * total(lambda y: y > -jnp.inf, weight_of)
     if rule == "inclusive":
-        predicate = lambda v: jnp.sum(jnp.where(x > v[:, None], weight, 0.0), axis=1) < budget
+        predicate = lambda v: total(lambda y: y > per_row(v, y), weight_of) < budget
     else:
-        predicate = lambda v: jnp.sum(jnp.where(x >= v[:, None], weight, 0.0), axis=1) <= budget
+        predicate = lambda v: total(lambda y: y >= per_row(v, y), weight_of) <= budget
     p_threshold = smallest_true(predicate, rows.row_max, active & rows.p_on)
     return jnp.maximum(k_threshold, p_threshold)
 
@@ -174,36 +361,57 @@ def run_if(any_row: jax.Array, fn, fallback):
     return lax.cond(any_row, lambda _: fn(), lambda _: fallback, None)
 
 
-def resolve(rows: Rows, rule: str, count: int) -> tuple[Candidates, jax.Array, jax.Array]:
-    """Per-row cutoffs.
+class Resolution(NamedTuple):
+    """Where each row's answer comes from (see :func:`resolve`)."""
 
-    Returns ``(candidates, use_candidates, threshold)``: ``use_candidates[n]`` says row ``n`` is
-    filtered and certified, so its kept set is ``candidates.keep[n]``; ``threshold`` is every
-    row's threshold (``LOWEST`` for rows without filters).
-    """
-    rows_n = rows.row_max.shape[0]
-    count = min(count, rows.layout.vocab)
-    filtered = rows.filtered
+    fast: Candidates  # tier 1, ``count`` slots, token ids increasing
+    use_fast: jax.Array  # [N] bool
+    wide: Candidates  # tier 2, ``WIDE * count`` slots
+    use_wide: jax.Array  # [N] bool
+    threshold: jax.Array  # [N]: every row's top-k/top-p threshold, LOWEST without filters
 
-    def tier_one():
-        needs_mass = filtered & ~rows.k_on & rows.p_on
-        mass = run_if(jnp.any(needs_mass), lambda: full_mass(rows), jnp.ones((rows_n,)))
-        return candidate_cutoff(rows, count, rule, mass)
 
-    empty = Candidates(
-        values=jnp.full((rows_n, count), -jnp.inf),
-        indices=jnp.zeros((rows_n, count), jnp.int32),
-        keep=jnp.zeros((rows_n, count), bool),
+def _no_candidates(rows_n: int, slots: int) -> Candidates:
+    return Candidates(
+        values=jnp.full((rows_n, slots), -jnp.inf),
+        indices=jnp.zeros((rows_n, slots), jnp.int32),
+        keep=jnp.zeros((rows_n, slots), bool),
         threshold=jnp.full((rows_n,), LOWEST),
         certified=jnp.zeros((rows_n,), bool),
     )
-    cands = run_if(jnp.any(filtered), tier_one, empty)
-    use_candidates = filtered & cands.certified
-    needs_full = filtered & ~cands.certified
+
+
+def resolve(rows: Rows, rule: str, count: int) -> Resolution:
+    """Per-row cutoffs, each row from the first tier that certifies it.
+
+    Rows that are greedy, invalid or unfiltered get threshold ``LOWEST`` and no tier. Every
+    tier runs only when some row needs it, so a batch pays for the tiers its rows take.
+    """
+    rows_n = rows.row_max.shape[0]
+    filtered = rows.filtered
+    needs_mass = filtered & rows.p_on & ~rows.k_on
+    mass = run_if(jnp.any(needs_mass), lambda: full_mass(rows), jnp.ones((rows_n,)))
+    fast = run_if(
+        jnp.any(filtered),
+        lambda: threshold_candidates(rows, count, rule, mass),
+        _no_candidates(rows_n, count),
+    )
+    use_fast = filtered & fast.certified
+    left = filtered & ~use_fast
+    # In row blocks: its [rows, slots, slots] comparisons would be a large temporary.
+    wide = run_if(
+        jnp.any(left),
+        lambda: map_rows(lambda r, m: threshold_candidates(r, WIDE * count, rule, m), rows, mass),
+        _no_candidates(rows_n, WIDE * count),
+    )
+    use_wide = left & wide.certified
+    needs_full = left & ~use_wide
     full = run_if(
         jnp.any(needs_full),
         lambda: full_thresholds(rows, rule, needs_full),
         jnp.full((rows_n,), LOWEST),
     )
-    threshold = jnp.where(use_candidates, cands.threshold, jnp.where(needs_full, full, LOWEST))
-    return cands, use_candidates, threshold
+    threshold = jnp.where(
+        use_fast, fast.threshold, jnp.where(use_wide, wide.threshold, jnp.where(needs_full, full, LOWEST))
+    )
+    return Resolution(fast, use_fast, wide, use_wide, threshold)

@@ -4,7 +4,9 @@ Given ``u`` in ``[0, 1)``, the token is the first index (in vocabulary order) wh
 probability exceeds ``u``, the same rule as a PyTorch inverse-CDF over the same distribution, so
 a run can be replayed token for token across frameworks. No random number is drawn per
 vocabulary entry: the candidates path scans a few dozen kept tokens; the chunked path picks a
-chunk by its mass, then a token inside it.
+group of chunks by its mass, then a chunk in it, then a token. Every float sum runs in a fixed
+order (``cumsum``, :func:`jsample.selection.tree_sum`), so a row's token and logprob never depend
+on the batch size.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jsample import cutoff, selection
 from jsample.cutoff import Candidates, Rows
 
 
@@ -48,20 +51,53 @@ def draw_candidates(rows: Rows, cands: Candidates, u: jax.Array) -> tuple[jax.Ar
     return token, logprob
 
 
+def draw_sorted(rows: Rows, cands: Candidates, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`draw_candidates` for candidates already in token order (no sort)."""
+    scaled = rows.scaled(cands.values)
+    weights = jnp.where(cands.keep, jnp.exp(scaled), 0.0)
+    cum = jnp.cumsum(weights, axis=-1)
+    total = cum[:, -1]
+    position, _ = pick(weights, u * total, cum)
+    token = jnp.take_along_axis(cands.indices, position[:, None], axis=1)[:, 0]
+    logprob = jnp.take_along_axis(scaled, position[:, None], axis=1)[:, 0] - jnp.log(total)
+    return token, logprob
+
+
 def draw_chunked(rows: Rows, threshold: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Exact draw over the whole vocabulary: a chunk by its mass, then a token inside it."""
+    """Exact draw over the whole vocabulary: a group of chunks by its mass, then a chunk, then a
+    token.
+
+    Tokens count when ``>= threshold`` (per row) and when they pass min-p. One ``exp`` pass gives
+    the chunk masses (:func:`jsample.cutoff.chunk_masses`); the rest reads one group of chunk
+    masses and one chunk per row.
+    """
     layout = rows.layout
-    chunk_mass = jnp.sum(rows.weights(layout.blocks, threshold), axis=-1)
-    # The total comes from the cumulative sum: a second reduction over the weights would make
-    # XLA materialise them instead of fusing the exp into one pass.
-    cum = jnp.cumsum(chunk_mass, axis=-1)
+    masses = cutoff.chunk_masses(rows, threshold)  # [N, chunks]
+    groups = -(-layout.chunks // _GROUP)
+    masses = selection.pad_columns(masses, groups * _GROUP, 0.0).reshape(-1, groups, _GROUP)
+    group_mass = selection.tree_sum(masses)
+    cum = jnp.cumsum(group_mass, axis=-1)
     total = cum[:, -1]
     target = u * total
-    chunk, _ = pick(chunk_mass, target, cum)
-    after = jnp.take_along_axis(cum, chunk[:, None], axis=1)[:, 0]
-    before = after - jnp.take_along_axis(chunk_mass, chunk[:, None], axis=1)[:, 0]
-    block = layout.gather_chunks(chunk[:, None])[:, 0]
-    offset, _ = pick(rows.weights(block, threshold), target - before)
-    token = chunk * layout.chunk + offset
-    scaled = rows.scaled(jnp.take_along_axis(block, offset[:, None], axis=1))[:, 0]
+    group, _ = pick(group_mass, target, cum)
+    target = target - _before(cum, group_mass, group)
+    chunk_mass = selection.gather_rows(masses, group[:, None])[:, 0]
+    chunk_cum = jnp.cumsum(chunk_mass, axis=-1)
+    offset, _ = pick(chunk_mass, target, chunk_cum)
+    target = target - _before(chunk_cum, chunk_mass, offset)
+    chunk = jnp.minimum(group * _GROUP + offset, layout.chunks - 1)
+    values = layout.chunk_values(chunk[:, None])[:, 0]
+    position, _ = pick(rows.weights(values, threshold), target)
+    token = chunk * layout.chunk + position
+    scaled = rows.scaled(jnp.take_along_axis(values, position[:, None], axis=1))[:, 0]
     return token, scaled - jnp.log(total)
+
+
+# Chunk masses per group in the whole-vocabulary draw.
+_GROUP = 32
+
+
+def _before(cum: jax.Array, weights: jax.Array, position: jax.Array) -> jax.Array:
+    """The cumulative weight before ``position`` in each row."""
+    at = lambda a: jnp.take_along_axis(a, position[:, None], axis=1)[:, 0]
+    return at(cum) - at(weights)

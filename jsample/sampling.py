@@ -19,12 +19,8 @@ from jax import lax
 
 from jsample import cutoff, draw, validation
 from jsample.params import FIELD_DTYPES, SamplingParams
-from jsample.selection import first_argmax, is_clean, make_layout, sanitize_logits
-
-# Rows are processed in blocks of about this many bytes of float32 logits. XLA's CPU backend
-# materialises the operand of a reduction, and a temporary above glibc's 32 MiB mmap threshold
-# is freshly mapped (and page-faulted) on every call; small blocks also stay in cache.
-_BLOCK_BYTES = 4 << 20
+from jsample import selection
+from jsample.selection import is_clean, make_layout, sanitize_logits
 
 
 def _prepare(fn: str, logits: Any, params: SamplingParams):
@@ -54,23 +50,9 @@ def _on_clean_logits(logits, fn):
     )
 
 
-def _block_rows(rows: int, vocab: int) -> int:
-    """Rows per block: a divisor of ``rows`` so no padded copy is made."""
-    target = max(1, _BLOCK_BYTES // (4 * vocab))
-    if target >= rows:
-        return rows
-    return max(d for d in range(1, target + 1) if rows % d == 0)
-
-
 def in_row_blocks(fn, x, *per_row):
     """``fn(x, *per_row)`` applied to blocks of rows with ``lax.map``; results are re-joined."""
-    n, vocab = x.shape
-    size = _block_rows(n, vocab)
-    if size == n:
-        return fn(x, *per_row)
-    split = lambda a: a.reshape(n // size, size, *a.shape[1:])
-    out = lax.map(lambda args: fn(*args), tuple(split(a) for a in (x, *per_row)))
-    return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+    return selection.map_row_blocks(fn, x, *per_row)
 
 
 def _rows(layout, temperature, top_k, top_p, min_p) -> cutoff.Rows:
@@ -84,61 +66,57 @@ def _sample_layout(layout, u, params, rule, count):
     plain = rows.greedy | ~rows.valid
 
     def sampled():
-        cands, use_candidates, threshold = cutoff.resolve(rows, rule, count)
-        from_candidates = cutoff.run_if(
-            jnp.any(use_candidates), lambda: draw.draw_candidates(rows, cands, u), zeros
+        res = cutoff.resolve(rows, rule, count)
+        fast = cutoff.run_if(
+            jnp.any(res.use_fast), lambda: draw.draw_sorted(rows, res.fast, u), zeros
+        )
+        wide = cutoff.run_if(
+            jnp.any(res.use_wide), lambda: draw.draw_sorted(rows, res.wide, u), zeros
         )
         # Rows left over either have no filter (threshold LOWEST) or a full-vocabulary threshold.
-        from_chunks = cutoff.run_if(
-            jnp.any(~use_candidates & ~plain), lambda: draw.draw_chunked(rows, threshold, u), zeros
+        chunked = ~res.use_fast & ~res.use_wide & ~plain
+        whole = cutoff.run_if(
+            jnp.any(chunked), lambda: draw.draw_chunked(rows, res.threshold, u), zeros
         )
-        return tuple(jnp.where(use_candidates, a, b) for a, b in zip(from_candidates, from_chunks))
+        pick = lambda a, b, c: jnp.where(res.use_fast, a, jnp.where(res.use_wide, b, c))
+        return tuple(map(pick, fast, wide, whole))
 
     token, logprob = cutoff.run_if(jnp.any(~plain), sampled, zeros)
-    token = jnp.where(plain, rows.greedy_tokens(), token)
+    greedy = cutoff.run_if(jnp.any(plain), rows.greedy_tokens, zeros[0])
+    token = jnp.where(plain, greedy, token)
     # Greedy rows drew their token with probability 1; rows without a finite logit are flagged.
     logprob = jnp.where(rows.greedy, 0.0, logprob)
     logprob = jnp.where(rows.valid, logprob, -jnp.inf)
     return token, logprob
 
 
-def _greedy_layout(layout):
-    row_max = layout.chunk_max.max(axis=-1)
-    logprob = jnp.where(row_max > -jnp.inf, 0.0, -jnp.inf)
-    return first_argmax(layout, row_max), logprob
-
-
 @functools.partial(jax.jit, static_argnames=("rule", "count"))
 def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
     validation.report_logits(x)
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)
+    chunk = selection.fine_chunk(x.shape[1])
 
-    def sample_block(xb, ub, *pb):
-        return _on_clean_logits(xb, lambda layout: _sample_layout(layout, ub, pb, rule, count))
+    def sanitized(xb, ub, *pb):
+        layout = make_layout(sanitize_logits(xb.astype(jnp.float32)), chunk)
+        return _sample_layout(layout, ub, pb, rule, count)
 
+    if chunk is None:
+        # A chunk length that does not divide the vocabulary means a padded copy: make it
+        # block by block.
+        return in_row_blocks(sanitized, x, u, *params)
+    # The whole batch at once, in its own dtype: every pass over the logits is a reduction
+    # that reads them in place or runs in row blocks, and the rest works on small arrays.
+    layout = make_layout(x, chunk)
     return lax.cond(
-        jnp.all(params[0] == 0),
-        lambda: _greedy_rows(x),
-        lambda: in_row_blocks(sample_block, x, u, *params),
+        is_clean(layout),
+        lambda: _sample_layout(layout, u, params, rule, count),
+        lambda: in_row_blocks(sanitized, x, u, *params),
     )
-
-
-def _greedy_rows(x):
-    """An all-greedy batch: one max pass over the whole batch, no filters.
-
-    Only clean float32 logits skip the row blocks: a sanitised or upcast copy of the whole
-    batch would be a temporary large enough to be page-faulted on every call.
-    """
-    blocked = lambda: in_row_blocks(lambda xb: _on_clean_logits(xb, _greedy_layout), x)
-    if x.dtype != jnp.float32:
-        return blocked()
-    layout = make_layout(x)
-    return lax.cond(is_clean(layout), lambda: _greedy_layout(layout), blocked)
 
 
 def kept_mask(rows: cutoff.Rows, rule: str, count: int) -> jax.Array:
     """bool ``[N, V]``: the tokens each row keeps (one-hot for greedy rows, none for invalid)."""
-    _, _, threshold = cutoff.resolve(rows, rule, count)
+    threshold = cutoff.resolve(rows, rule, count).threshold
     values = rows.layout.x[:, : rows.layout.vocab]
     vocab_ids = jnp.arange(rows.layout.vocab, dtype=jnp.int32)
     greedy = vocab_ids == rows.greedy_tokens()[:, None]

@@ -1,13 +1,21 @@
-"""Sort-free selection over a vocabulary: chunk maxima, exact top candidates, argmax, bisection.
+"""Sort-free selection over a vocabulary: chunk maxima, thresholds, compaction, argmax, bisection.
 
-Everything here reads a ``[rows, vocab]`` float32 array laid out as ``[rows, chunks, chunk]``.
-Reductions over short contiguous chunks are as fast as one ``max`` pass on XLA's CPU backend, while
-``lax.top_k`` and sorts over a full vocabulary are one to three orders of magnitude slower.
+Everything here reads a ``[rows, vocab]`` array laid out as ``[rows, chunks, chunk]``. What is
+cheap on XLA's CPU backend shapes the code:
+
+* a ``max`` or ``sum`` over short contiguous chunks runs as fast as one ``max`` pass over the
+  logits (a YNNPACK reduction), but it does not fuse its elementwise producer: ``sum(exp(x))``
+  first writes ``exp(x)`` to memory, so passes that transform the logits run over row blocks
+  (:func:`map_row_blocks`) to keep that temporary small;
+* ``lax.top_k`` costs about 20 µs per row for ``k = 64``, whatever the row length, and sorts
+  cost more; :func:`compact` and :func:`bisect_threshold` select without either;
+* three-dimensional broadcasts such as ``[rows, n, thresholds]`` are materialised and slow, so
+  searches evaluate one threshold per row and step.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +24,23 @@ from jax import lax
 FMAX = float(jnp.finfo(jnp.float32).max)
 LOWEST = -FMAX
 _CHUNK_SIZES = (64, 128, 32, 256)
+# The fast sampler's chunk length, the group of chunks its threshold search runs on, and the
+# runs of tokens inside a chunk that its last compaction works on.
+FINE_CHUNK = 64
+GROUP_ELEMENTS = 256
+RUN = 8
+# Row blocks of about this many bytes of float32 values: XLA's CPU backend materialises the
+# operand of a reduction, and glibc maps a temporary above its 32 MiB threshold afresh (and
+# page-faults it) on every call.
+BLOCK_BYTES = 4 << 20
 
 
 class Layout(NamedTuple):
-    """A ``[rows, vocab]`` float32 array padded with ``-inf`` to ``chunks * chunk`` columns."""
+    """A ``[rows, vocab]`` array padded with ``-inf`` to ``chunks * chunk`` columns.
+
+    ``x`` keeps the dtype it was built from (float32 unless the caller built it from another
+    float type; every consumer promotes to float32); ``chunk_max`` is float32.
+    """
 
     x: jax.Array  # [N, chunks * chunk]
     vocab: int
@@ -34,6 +55,21 @@ class Layout(NamedTuple):
     def gather_chunks(self, chunk_ids: jax.Array) -> jax.Array:
         """``[N, M]`` chunk ids -> ``[N, M, chunk]`` values."""
         return jnp.take_along_axis(self.blocks, chunk_ids[..., None], axis=1)
+
+    def chunk_values(self, chunk_ids: jax.Array) -> jax.Array:
+        """``[N, M]`` chunk ids (in range) -> float32 ``[N, M, chunk]`` values."""
+        return gather_rows(self.blocks, chunk_ids).astype(jnp.float32)
+
+
+def gather_rows(a: jax.Array, ids: jax.Array) -> jax.Array:
+    """``a[n, ids[n, m], :]`` for ``a`` ``[N, R, C]`` and in-range ``ids`` ``[N, M]`` -> ``[N, M, C]``.
+
+    One contiguous slice per id, gathered from the flattened array: several times faster on CPU
+    than ``take_along_axis``, whose gather computes an index per element.
+    """
+    rows, r, c = a.shape
+    flat = (jnp.arange(rows, dtype=jnp.int32)[:, None] * r + ids).reshape(-1)
+    return a.reshape(rows * r, c).at[flat].get(mode="promise_in_bounds").reshape(*ids.shape, c)
 
 
 def chunk_size(vocab: int) -> int:
@@ -60,36 +96,92 @@ def is_clean(layout: Layout) -> jax.Array:
 
     +inf shows in the chunk maxima, NaN does not: XLA:CPU's vectorised (YNNPACK) max reduction
     drops NaN, and can return a wrong maximum for a chunk holding one. A sum always propagates
-    NaN, so one sum pass catches it. Its only false alarm, a sum that overflows to inf - inf,
-    merely sends the block down the sanitising path, which gives the same results.
+    NaN, so one sum over the logits catches it; it runs on the other core, beside the pass that
+    made the chunk maxima. Its only false alarm, a sum that overflows to inf - inf, merely sends
+    the block down the sanitising path, which gives the same results.
     """
-    return jnp.all(layout.chunk_max < jnp.inf) & ~jnp.isnan(jnp.sum(layout.x))
+    # The barrier keeps XLA from merging this max with the reduction that made chunk_max into
+    # one more pass over the logits.
+    chunk_max = lax.optimization_barrier(layout.chunk_max)
+    return (jnp.max(chunk_max) < jnp.inf) & ~jnp.isnan(jnp.sum(layout.x))
 
 
-def make_layout(x: jax.Array) -> Layout:
+def tree_max(a: jax.Array) -> jax.Array:
+    """Max over the last axis by pairwise halving (padded with ``-inf`` to a power of two)."""
+    n = a.shape[-1]
+    a = pad_columns(a, 1 << max(n - 1, 0).bit_length(), -jnp.inf)
+    while a.shape[-1] > 1:
+        half = a.shape[-1] // 2
+        a = jnp.maximum(a[..., :half], a[..., half:])
+    return a[..., 0]
+
+
+def make_layout(x: jax.Array, chunk: int | None = None) -> Layout:
+    """Chunk maxima of ``x`` ``[N, V]``; ``chunk`` defaults to :func:`chunk_size`.
+
+    Pads with ``-inf`` (a copy) only when ``chunk`` does not divide the vocabulary.
+    """
     rows, vocab = x.shape
-    chunk = chunk_size(vocab)
+    chunk = chunk_size(vocab) if chunk is None else min(chunk, vocab)
     chunks = -(-vocab // chunk)
     if chunks * chunk != vocab:
         x = jnp.pad(x, ((0, 0), (0, chunks * chunk - vocab)), constant_values=-jnp.inf)
-    chunk_max = x.reshape(rows, chunks, chunk).max(axis=-1)
+    chunk_max = x.reshape(rows, chunks, chunk).max(axis=-1).astype(jnp.float32)
     return Layout(x, vocab, chunk, chunks, chunk_max)
+
+
+def fine_chunk(vocab: int) -> int | None:
+    """The fast sampler's chunk length for ``vocab``, or None when it would need padding."""
+    return FINE_CHUNK if vocab % FINE_CHUNK == 0 else None
+
+
+def group_max(layout: Layout) -> tuple[jax.Array, int]:
+    """Maxima of groups of consecutive chunks (about :data:`GROUP_ELEMENTS` tokens each).
+
+    Returns ``(group_max [N, groups], chunks_per_group)``; the chunk maxima are padded with
+    ``-inf`` to whole groups.
+    """
+    per_group = max(1, GROUP_ELEMENTS // layout.chunk)
+    rows = layout.chunk_max.shape[0]
+    groups = -(-layout.chunks // per_group)
+    # The barrier keeps XLA from merging this reduction with the one that made chunk_max into
+    # one reduction over the logits, which would read them a second time.
+    padded = pad_columns(lax.optimization_barrier(layout.chunk_max), groups * per_group, -jnp.inf)
+    return padded.reshape(rows, groups, per_group).max(axis=-1), per_group
+
+
+def pad_columns(a: jax.Array, width: int, value) -> jax.Array:
+    """Pads the last axis of ``a`` to ``width`` with ``value`` (no copy when already wide)."""
+    if a.shape[-1] == width:
+        return a
+    pad = [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])]
+    return jnp.pad(a, pad, constant_values=value)
 
 
 def first_argmax(layout: Layout, row_max: jax.Array) -> jax.Array:
     """Index of the first maximum of each row (an all ``-inf`` row gives 0), int32 ``[N]``.
 
-    ``jnp.argmax`` is a variadic reduction that runs ~20x slower than ``max`` on CPU; this finds
-    the first chunk holding the maximum from the chunk maxima, then the position inside it.
+    ``jnp.argmax`` is a variadic reduction that runs ~20x slower than ``max`` on CPU, and so do
+    integer reductions; this narrows down with float ``min`` reductions over positions: the
+    first group of chunks holding the maximum (long rows), the first chunk in it, the position.
     """
-    chunk_ids = jnp.arange(layout.chunks, dtype=jnp.int32)
-    first_chunk = jnp.min(
-        jnp.where(layout.chunk_max == row_max[:, None], chunk_ids, layout.chunks - 1), axis=-1
-    )
-    block = layout.gather_chunks(first_chunk[:, None])[:, 0]
-    offsets = jnp.arange(layout.chunk, dtype=jnp.int32)
-    offset = jnp.min(jnp.where(block == row_max[:, None], offsets, layout.chunk - 1), axis=-1)
-    return jnp.minimum(first_chunk * layout.chunk + offset, layout.vocab - 1)
+    rows = row_max.shape[0]
+    target = row_max[:, None]
+    first = lambda hits: jnp.min(
+        jnp.where(hits, jnp.arange(hits.shape[-1], dtype=jnp.float32), hits.shape[-1] - 1.0), axis=-1
+    ).astype(jnp.int32)
+    if layout.chunks > GROUP_ELEMENTS:
+        maxima, per_group = group_max(layout)
+        group = first(maxima == target)
+        chunk_max = pad_columns(layout.chunk_max, maxima.shape[1] * per_group, -jnp.inf)
+        chunk_max = jnp.take_along_axis(
+            chunk_max.reshape(rows, -1, per_group), group[:, None, None], axis=1
+        )[:, 0]
+        chunk = jnp.minimum(group * per_group + first(chunk_max == target), layout.chunks - 1)
+    else:
+        chunk = first(layout.chunk_max == target)
+    offset = first(layout.chunk_values(chunk[:, None])[:, 0] == target)
+    return jnp.minimum(chunk * layout.chunk + offset, layout.vocab - 1)
 
 
 def top_candidates(layout: Layout, count: int) -> tuple[jax.Array, jax.Array]:
@@ -119,6 +211,128 @@ def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     (TopkDecomposer) when the program is partitioned, e.g. inside ``jax.shard_map``."""
     values, indices = lax.top_k(x, k)
     return lax.optimization_barrier(values), lax.optimization_barrier(indices)
+
+
+def tree_sum(a: jax.Array) -> jax.Array:
+    """Sum over the last axis by pairwise halving (zero-padded to a power of two).
+
+    Elementwise adds in a fixed order, so a row's sum never depends on the batch size: XLA:CPU
+    switches between two reduction emitters with the array size, and they round differently.
+    """
+    n = a.shape[-1]
+    a = pad_columns(a, 1 << max(n - 1, 0).bit_length(), 0.0)
+    while a.shape[-1] > 1:
+        half = a.shape[-1] // 2
+        a = a[..., :half] + a[..., half:]
+    return a[..., 0]
+
+
+def chunk_sums(weights: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int) -> jax.Array:
+    """Sums of ``weights(x)`` over consecutive chunks of ``chunk`` columns: float32 ``[N, V / chunk]``.
+
+    ``weights`` is elementwise (e.g. ``exp``) and receives ``x`` as ``[N, V / chunk, chunk]``.
+    XLA:CPU sums with its vectorised (YNNPACK) reduction from 4096 elements up and with another
+    emitter below, and the two round differently; padding small inputs with zero rows keeps
+    every row on the vectorised one, so a row's sums never depend on the batch size.
+    """
+    rows, vocab = x.shape
+    w = weights(x.reshape(rows, vocab // chunk, chunk))
+    padded = max(rows, -(-_VECTORISED_REDUCTION // vocab))
+    if padded > rows:
+        w = jnp.pad(w, ((0, padded - rows), (0, 0), (0, 0)))
+    return jnp.sum(w, axis=-1)[:rows]
+
+
+# The operand size from which XLA:CPU reduces with YNNPACK (xla/backends/cpu/ynn_support.cc).
+_VECTORISED_REDUCTION = 4096
+
+
+def materialize(v: jax.Array) -> jax.Array:
+    """``v``, computed once into its own buffer.
+
+    XLA's CPU fusion copies chains of cheap per-row operations into every consumer, so a
+    threshold computed in twenty steps is recomputed for each element of each ``[rows, ...]``
+    array compared with it. A reduction is never fused into its consumers: adding zeros through
+    one stops that.
+    """
+    return jnp.sum(jnp.stack([v, jnp.zeros_like(v)]), axis=0)
+
+
+def upper_triangle(n: int, strict: bool = False) -> jax.Array:
+    """float32 ``[n, n]`` ones on and above (or strictly above) the diagonal.
+
+    ``a @ upper_triangle(n)`` is the inclusive prefix sum of ``a`` along its last axis: a small
+    matrix product is much faster on CPU than XLA's ``cumsum``.
+    """
+    return jnp.triu(jnp.ones((n, n), jnp.float32), 1 if strict else 0)
+
+
+def prefix_sum(a: jax.Array, block: int = 16) -> jax.Array:
+    """Inclusive prefix sums of float32 ``a`` ``[N, n]`` along the last axis.
+
+    Sums inside blocks of ``block`` columns, then adds the totals of the earlier blocks: two
+    small matrix products instead of an ``[n, n]`` one.
+    """
+    rows, n = a.shape
+    if n <= 2 * block:
+        return a @ upper_triangle(n)
+    blocks = -(-n // block)
+    local = pad_columns(a, blocks * block, 0.0).reshape(rows, blocks, block) @ upper_triangle(block)
+    before = local[:, :, -1] @ upper_triangle(blocks, strict=True)
+    return (local + before[:, :, None]).reshape(rows, -1)[:, :n]
+
+
+def compact(
+    flags: jax.Array, payload: Sequence[jax.Array], slots: int, fill: Sequence
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Moves the flagged entries of each row to the front, keeping their order.
+
+    ``flags`` bool ``[N, n]``; ``payload`` arrays ``[N, n]``. Returns ``(outputs, count)``:
+    each output ``[N, slots]`` holds the first ``slots`` flagged entries of its payload, then
+    ``fill``; ``count`` (float32 ``[N]``) is the number of flagged entries, which may exceed
+    ``slots`` (the caller checks). A prefix count gives every flagged entry its slot and one
+    scatter writes it; no sort.
+    """
+    rows = flags.shape[0]
+    position = prefix_sum(flags.astype(jnp.float32))
+    count = position[:, -1]
+    # One flat index per entry (no [entries, 2] index array); unflagged entries land in a
+    # spare slot per row that is cut off afterwards.
+    row_start = jnp.arange(rows, dtype=jnp.int32)[:, None] * (slots + 1)
+    slot = row_start + jnp.where(flags, jnp.minimum(position - 1, slots), slots).astype(jnp.int32)
+    outputs = tuple(
+        jnp.full((rows * (slots + 1),), value, a.dtype)
+        .at[slot.reshape(-1)].set(a.reshape(-1), mode="promise_in_bounds")
+        .reshape(rows, slots + 1)[:, :slots]
+        for a, value in zip(payload, fill)
+    )
+    return outputs, count
+
+
+def bisect_threshold(
+    values: jax.Array, weights: jax.Array, target: jax.Array, upper: jax.Array,
+    span: float = 64.0, steps: int = 12,
+) -> jax.Array:
+    """Per row, about the largest ``t`` in ``[upper - span, upper]`` with
+    ``sum(weights[values >= t]) >= target``.
+
+    ``values``/``weights`` ``[N, n]`` (weights >= 0), ``target``/``upper`` ``[N]``. Bisection on
+    the value, ``steps`` passes over ``[N, n]``: the result is within ``span / 2**steps`` below
+    the exact answer. Returns ``upper - span`` when even that misses the target; the caller
+    checks what it needs of the result.
+    """
+    reaches = lambda t: jnp.sum(jnp.where(values >= t[:, None], weights, 0.0), axis=-1) >= target
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        ok = reaches(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    # A loop rather than unrolled steps: its result is materialised once, where XLA would
+    # otherwise fuse the whole chain of steps into every consumer and recompute it per element.
+    lo, hi = lax.fori_loop(0, steps, step, (upper - span, upper))
+    return jnp.where(reaches(hi), hi, lo)
 
 
 def _to_order(v: jax.Array) -> jax.Array:
@@ -159,3 +373,26 @@ def smallest_true(
 
     _, hi = lax.while_loop(unfinished, step, (lo, hi))
     return jnp.where(active, _from_order(hi), LOWEST)
+
+
+def block_rows(rows: int, vocab: int) -> int:
+    """Rows per block of about :data:`BLOCK_BYTES`: a divisor of ``rows``, so nothing is padded."""
+    target = max(1, BLOCK_BYTES // (4 * vocab))
+    if target >= rows:
+        return rows
+    return max(d for d in range(1, target + 1) if rows % d == 0)
+
+
+def map_row_blocks(fn, x: jax.Array, *per_row):
+    """``fn(x, *per_row)`` over blocks of rows (``lax.map``), results re-joined along rows.
+
+    ``x`` is ``[N, V]``; every ``per_row`` array (or pytree of arrays) has ``N`` rows. Use it for
+    passes that materialise a transform of the logits, so the temporary stays one block.
+    """
+    n, vocab = x.shape
+    size = block_rows(n, vocab)
+    if size == n:
+        return fn(x, *per_row)
+    split = lambda a: a.reshape(n // size, size, *a.shape[1:])
+    out = lax.map(lambda args: fn(*args), jax.tree.map(split, (x, *per_row)))
+    return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
