@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -73,10 +72,10 @@ def test_bad_input_is_one_line_and_status_2(capsys, argv, message):
 
 
 def test_bench_hands_its_arguments_to_the_benchmark(capsys, monkeypatch):
+    import jsample.benchmark
+
     seen = []
-    fake = types.ModuleType("jsample.benchmark")
-    fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "jsample.benchmark", fake)
+    monkeypatch.setattr(jsample.benchmark, "main", lambda argv: seen.append(argv) or 3)
     assert main(["bench", "--quick", "--vocab", "1000"]) == 3
     assert seen == [["--quick", "--vocab", "1000"]]
 
