@@ -42,6 +42,8 @@ from jsample.selection import LOWEST, Layout, first_argmax, smallest_true, top_c
 SEARCH_SPAN = 64.0
 # The wide tier has this many times the candidate slots.
 WIDE = 4
+# Up to this many candidate slots the rules run as pairwise comparisons.
+_PAIRWISE_SLOTS = 128
 
 
 class Rows(NamedTuple):
@@ -184,15 +186,17 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     p_only = rows.p_on & ~rows.k_on
     m_on = rows.min_p > 0
 
-    # The largest L that keeps at least k tokens at or above it (top-k rows), or whose group
-    # maxima alone already hold top_p of the mass (top-p rows): a group maximum >= L is a token
-    # >= L, so both are lower bounds on what the tokens >= L hold.
+    # The largest L with at least k tokens at or above it (top-k rows; a group maximum >= L is a
+    # token >= L, so counting groups is a lower bound), or with groups for half the slots (top-p
+    # rows: the largest tokens hold the most mass, so they are the likeliest set to reach top_p
+    # within the slots; half leaves room for groups holding several of them).
     finite = group_max > -jnp.inf
-    weights = jnp.where(p_only[:, None], jnp.exp(rows.scaled(group_max)), 1.0)
-    target = jnp.where(p_only, rows.top_p * full_mass, rows.top_k.astype(jnp.float32))
+    target = jnp.where(p_only, 0.5 * slots, rows.top_k.astype(jnp.float32))
     lowest = jnp.min(jnp.where(finite, group_max, rows.row_max[:, None]), axis=1)
     span = jnp.minimum(rows.row_max - lowest, SEARCH_SPAN * jnp.maximum(rows.temperature, 1.0))
-    searched = selection.bisect_threshold(group_max, weights, target, rows.row_max, span)
+    searched = selection.bisect_threshold(
+        group_max, jnp.ones_like(group_max), target, rows.row_max, span
+    )
     threshold = jnp.where(rows.k_on | p_only, searched, -jnp.inf)
     # min-p keeps exp((x - max) / T) >= min_p: x >= max + T log(min_p), less a margin for the
     # rounding of that expression (the exact test runs on the candidates).
@@ -243,7 +247,10 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     )
     fits = (group_count <= slots) & (chunk_count <= slots) & (run_count <= slots) & (count <= slots)
 
-    keep_kp, weight, mass = _apply_rules(rows, values, rule, full_mass)
+    # Pairwise comparisons are cheapest for the usual slot counts; their [N, M, M] arrays
+    # outgrow a bisection over the candidates for wide tiers.
+    rules = _apply_rules if slots <= _PAIRWISE_SLOTS else _bisected_rules
+    keep_kp, weight, mass = rules(rows, values, rule, full_mass)
     taken = selection.tree_sum(jnp.where(values > -jnp.inf, weight, 0.0))
     enough_p = taken >= rows.top_p * full_mass if rule == "inclusive" else taken > rows.top_p * full_mass
     proof = (
@@ -258,6 +265,34 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
         threshold=jnp.min(jnp.where(keep_kp, values, jnp.inf), axis=1),
         certified=fits & proof,
     )
+
+
+def _bisected_rules(rows: Rows, values: jax.Array, rule: str, full_mass: jax.Array):
+    """:func:`_apply_rules` by exact bisection over the candidates' values (no ``[M, M]`` array).
+
+    The same rules: top-k keeps values with fewer than ``k`` strictly larger candidates, top-p
+    the values whose mass above (inclusive) or at-or-above (exclusive) stays within
+    ``top_p * mass``; both thresholds are found by :func:`selection.smallest_true`, whose
+    predicates sum ``[N, M]`` arrays in a fixed order.
+    """
+    weight = jnp.exp(rows.scaled(values))
+    present = values > -jnp.inf
+    above = lambda v, w: selection.tree_sum(jnp.where(values > v[:, None], w, 0.0))
+    k_threshold = smallest_true(
+        lambda v: above(v, 1.0) < rows.top_k, rows.row_max, rows.k_on
+    )
+    keep_k = present & (values >= k_threshold[:, None])
+    kept_weight = jnp.where(keep_k, weight, 0.0)
+    mass = jnp.where(rows.k_on, selection.tree_sum(kept_weight), full_mass)
+    budget = rows.top_p * mass
+    if rule == "inclusive":
+        predicate = lambda v: above(v, kept_weight) < budget
+    else:
+        predicate = lambda v: selection.tree_sum(
+            jnp.where(values >= v[:, None], kept_weight, 0.0)
+        ) <= budget
+    p_threshold = smallest_true(predicate, rows.row_max, rows.p_on)
+    return keep_k & (values >= p_threshold[:, None]), weight, mass
 
 
 def _apply_rules(rows: Rows, values: jax.Array, rule: str, full_mass: jax.Array):
@@ -306,15 +341,15 @@ def chunk_masses(rows: Rows, threshold: jax.Array | None = None) -> jax.Array:
     """float32 ``[N, chunks]``: each chunk's unnormalised probability mass.
 
     Tokens count when ``>= threshold`` (per row; all of them when None) and when they pass
-    min-p. One ``exp`` pass over the logits, summed in a fixed order (see
+    min-p. One ``exp`` pass over the logits in row blocks, summed in a fixed order (see
     :func:`selection.chunk_sums`), so a row's masses never depend on the rest of the batch.
     """
     chunk = rows.layout.chunk
     if threshold is None:
-        return map_rows(
-            lambda r: selection.chunk_sums(lambda v: jnp.exp(r.scaled(v)), r.layout.x, chunk),
-            rows,
-        )
+        # The select keeps the exp out of XLA's vectorised reduction, which runs exp on one
+        # core at a fraction of the speed of XLA's own loop.
+        weights = lambda r: lambda v: jnp.where(v > -jnp.inf, jnp.exp(r.scaled(v)), 0.0)
+        return map_rows(lambda r: selection.chunk_sums(weights(r), r.layout.x, chunk), rows)
     return map_rows(
         lambda r, t: selection.chunk_sums(lambda v: r.weights(v, t), r.layout.x, chunk),
         rows,
@@ -398,10 +433,9 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     )
     use_fast = filtered & fast.certified
     left = filtered & ~use_fast
-    # In row blocks: its [rows, slots, slots] comparisons would be a large temporary.
     wide = run_if(
         jnp.any(left),
-        lambda: map_rows(lambda r, m: threshold_candidates(r, WIDE * count, rule, m), rows, mass),
+        lambda: threshold_candidates(rows, WIDE * count, rule, mass),
         _no_candidates(rows_n, WIDE * count),
     )
     use_wide = left & wide.certified
