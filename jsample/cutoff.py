@@ -44,6 +44,8 @@ SEARCH_SPAN = 64.0
 WIDE = 4
 # Up to this many candidate slots the rules run as pairwise comparisons.
 _PAIRWISE_SLOTS = 128
+# The threshold search counts on at least this many maxima per row when the row has them.
+_SEARCH_ENTRIES = 256
 
 
 class Rows(NamedTuple):
@@ -186,17 +188,22 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     p_only = rows.p_on & ~rows.k_on
     m_on = rows.min_p > 0
 
-    # The largest L with at least k tokens at or above it (top-k rows; a group maximum >= L is a
-    # token >= L, so counting groups is a lower bound), or with groups for half the slots (top-p
-    # rows: the largest tokens hold the most mass, so they are the likeliest set to reach top_p
-    # within the slots; half leaves room for groups holding several of them).
-    finite = group_max > -jnp.inf
+    # The largest L with at least k tokens at or above it (top-k rows), or with about half the
+    # slots' worth (top-p rows: the largest tokens hold the most mass, so they are the likeliest
+    # set to reach top_p within the slots; half leaves room for what the count misses). Counted
+    # on group maxima for long rows (a maximum >= L is a token >= L, so the count is a lower
+    # bound), on chunk maxima or the tokens themselves when there are too few groups to count.
+    if groups >= _SEARCH_ENTRIES:
+        maxima = group_max
+    elif layout.chunks >= _SEARCH_ENTRIES or layout.chunks * layout.chunk > 4 * _SEARCH_ENTRIES:
+        maxima = layout.chunk_max
+    else:
+        maxima = layout.x.astype(jnp.float32)
+    finite = maxima > -jnp.inf
     target = jnp.where(p_only, 0.5 * slots, rows.top_k.astype(jnp.float32))
-    lowest = jnp.min(jnp.where(finite, group_max, rows.row_max[:, None]), axis=1)
+    lowest = jnp.min(jnp.where(finite, maxima, rows.row_max[:, None]), axis=1)
     span = jnp.minimum(rows.row_max - lowest, SEARCH_SPAN * jnp.maximum(rows.temperature, 1.0))
-    searched = selection.bisect_threshold(
-        group_max, jnp.ones_like(group_max), target, rows.row_max, span
-    )
+    searched = selection.bisect_threshold(maxima, jnp.ones_like(maxima), target, rows.row_max, span)
     threshold = jnp.where(rows.k_on | p_only, searched, -jnp.inf)
     # min-p keeps exp((x - max) / T) >= min_p: x >= max + T log(min_p), less a margin for the
     # rounding of that expression (the exact test runs on the candidates).

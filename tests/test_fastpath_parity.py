@@ -1,0 +1,213 @@
+"""The fast paths equal the definitions: every tier of the cutoff, against a float64 NumPy reference.
+
+The sampler answers each row from the first of three tiers that can prove its kept set (see
+jsample/cutoff.py): the threshold candidates, the same with four times the slots, and an exact
+bisection over the vocabulary. Whatever the tier, the kept set, the probabilities and the
+inverse-CDF draw must be those of the rules written out naively below. Per-row parameters mix
+every filter in one batch; the logits include ties, clustered (sorted) rows and masked tokens;
+``candidates`` 4 pushes most filtered rows past the first tier and 64 keeps most in it. The test
+checks that each tier really answered some rows.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsample as js
+from jsample import cutoff, sampling
+
+N, V = 12, 512  # V divides into chunks of 64: the unpadded whole-batch path
+
+# One row per filter mix: (temperature, top_k, top_p, min_p).
+ROWS = [
+    (0.0, 0, 1.0, 0.0),     # greedy
+    (0.8, 0, 1.0, 0.0),     # temperature only: the whole-vocabulary draw
+    (1.0, 5, 1.0, 0.0),     # small top-k
+    (0.7, 50, 0.9, 0.0),    # top-k + top-p
+    (1.0, 300, 1.0, 0.0),   # top-k wider than every candidate tier
+    (1.0, 0, 0.5, 0.0),     # narrow nucleus
+    (1.3, 0, 0.97, 0.0),    # wide nucleus
+    (1.0, 0, 1.0, 0.05),    # min-p
+    (0.9, 20, 0.8, 0.1),    # all three
+    (2.0, 0, 0.0, 0.0),     # top-p 0 keeps the top token(s)
+    (0.5, 1, 1.0, 0.0),     # top-k 1
+    (1.0, 0, 0.3, 0.5),     # top-p + min-p
+]
+
+
+def reference(x, temperature, top_k, top_p, min_p, rule):
+    """float64 probabilities by the definitions (cutoff.py), one row."""
+    x = np.asarray(x, np.float64)
+    if temperature == 0:
+        out = np.zeros_like(x)
+        out[np.argmax(x)] = 1.0
+        return out
+    weight = np.exp((x - x.max()) / temperature)
+    keep = np.isfinite(x)
+    if 0 < top_k < len(x):
+        greater = len(x) - np.searchsorted(np.sort(x), x, side="right")
+        keep &= greater < top_k
+    kept = np.where(keep, weight, 0.0)
+    if top_p < 1:
+        order = np.argsort(-x, kind="stable")
+        cum = np.cumsum(kept[order])
+        desc = -x[order]
+        n_above = np.searchsorted(desc, -x, side="left")  # tokens strictly larger
+        n_at_least = np.searchsorted(desc, -x, side="right")
+        above = np.where(n_above > 0, cum[np.maximum(n_above - 1, 0)], 0.0)
+        if rule == "inclusive":
+            keep_p = above < top_p * kept.sum()
+        else:
+            keep_p = cum[n_at_least - 1] <= top_p * kept.sum()
+        keep &= keep_p | (x == x.max())
+    keep &= weight >= min_p
+    out = np.where(keep, weight, 0.0)
+    return out / out.sum()
+
+
+def _logits(seed, vocab=V):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 1.0, (N, vocab)) * rng.uniform(0.5, 4.0, (N, 1))
+    x[1::3] = np.round(x[1::3])  # ties, including ties at the cutoffs
+    x[2] = np.sort(x[2])[::-1]  # the largest tokens clustered in the first chunks
+    x[4, ::7] = -np.inf  # masked tokens
+    # A peaked row: a few tokens far above the rest (small nucleus, wide top-k tail).
+    x[5] = -1.5 * np.log(rng.permutation(np.arange(1, vocab + 1))) + rng.normal(0.0, 0.5, vocab)
+    return x.astype(np.float32)
+
+
+def _params(rule, candidates, shift=0):
+    cols = np.roll(np.array(ROWS, np.float64), shift, axis=0).T
+    return js.SamplingParams(
+        temperature=cols[0].astype(np.float32),
+        top_k=cols[1].astype(np.int32),
+        top_p=cols[2].astype(np.float32),
+        min_p=cols[3].astype(np.float32),
+        top_p_rule=rule,
+        candidates=candidates,
+    )
+
+
+def _reference_rows(x, params):
+    cols = [np.asarray(getattr(params, f)) for f in ("temperature", "top_k", "top_p", "min_p")]
+    return np.stack([reference(x[i], *(c[i] for c in cols), params.top_p_rule) for i in range(N)])
+
+
+def _expected_tokens(ref, u):
+    """Inverse CDF in vocabulary order; None where u falls within rounding of a boundary."""
+    tokens = []
+    for row, v in zip(ref, u):
+        cum = np.cumsum(row)
+        target = v * cum[-1]
+        token = min(int(np.searchsorted(cum, target, side="right")), int(np.flatnonzero(row)[-1]))
+        near = np.min(np.abs(cum[row > 0] - target)) < 1e-6
+        tokens.append(None if near else token)
+    return tokens
+
+
+CASES = [(rule, candidates, seed) for rule in ("inclusive", "exclusive")
+         for candidates in (4, 64) for seed in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def tiers_used():
+    """Which tier answered each filtered row, over every case: proof the grid reaches them all."""
+    return {"fast": 0, "wide": 0, "full": 0}
+
+
+@pytest.mark.parametrize("rule, candidates, seed", CASES)
+def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, tiers_used):
+    x = _logits(seed)
+    params = _params(rule, candidates, shift=seed)
+    ref = _reference_rows(x, params)
+    probs = np.asarray(js.probs(jnp.asarray(x), params))
+    np.testing.assert_allclose(probs, ref, atol=2e-6, rtol=0)
+    assert np.array_equal(probs > 0, ref > 0)  # same kept sets, ties included
+
+    u = np.random.default_rng(100 + seed).uniform(size=N).astype(np.float32)
+    tokens = np.asarray(js.sample_from_uniform(jnp.asarray(u), jnp.asarray(x), params))
+    for token, expected in zip(tokens, _expected_tokens(ref, u)):
+        assert expected is None or token == expected
+    assert np.all(ref[np.arange(N), tokens] > 0)
+
+    layout = sampling.make_layout(jnp.asarray(x), 64)
+    values = [jnp.asarray(np.asarray(getattr(params, f))) for f in ("temperature", "top_k", "top_p", "min_p")]
+    rows = cutoff.prepare_rows(layout, *values)
+    res = cutoff.resolve(rows, rule, candidates)
+    filtered = np.asarray(rows.filtered)
+    fast, wide = np.asarray(res.use_fast), np.asarray(res.use_wide)
+    tiers_used["fast"] += int(fast.sum())
+    tiers_used["wide"] += int(wide.sum())
+    tiers_used["full"] += int((filtered & ~fast & ~wide).sum())
+
+
+def test_every_tier_answered_some_rows(tiers_used):
+    # Runs after the parametrized cases above (pytest keeps file order).
+    assert all(count > 0 for count in tiers_used.values()), tiers_used
+
+
+@pytest.mark.parametrize("rule", ["inclusive", "exclusive"])
+def test_a_padded_vocabulary_takes_the_same_rules(rule):
+    # 300 tokens: no chunk length divides it, so the sampler pads row blocks.
+    x = _logits(7, vocab=300)
+    params = _params(rule, 64)
+    ref = _reference_rows(x, params)
+    probs = np.asarray(js.probs(jnp.asarray(x), params))
+    np.testing.assert_allclose(probs, ref, atol=2e-6, rtol=0)
+    u = np.linspace(0.03, 0.97, N, dtype=np.float32)
+    tokens = np.asarray(js.sample_from_uniform(jnp.asarray(u), jnp.asarray(x), params))
+    for token, expected in zip(tokens, _expected_tokens(ref, u)):
+        assert expected is None or token == expected
+
+
+@pytest.mark.parametrize("rule", ["inclusive", "exclusive"])
+def test_first_tier_cutoffs_over_many_rows(rule):
+    # 64 rows of 16384 tokens whose top-k and top-p cutoffs fall everywhere in the first tier's
+    # candidates. The threshold search counts chunk maxima here, so the candidates hold more
+    # tokens than the cutoffs keep: a rule that is off by a little (a budget 1% too large, a
+    # rank off by one) changes some kept set.
+    rows, vocab = 64, 16384
+    rng = np.random.default_rng(11)
+    x = (rng.normal(0.0, 1.0, (rows, vocab)) * rng.uniform(4.0, 8.0, (rows, 1))).astype(np.float32)
+    x[::4] = np.round(x[::4])  # ties
+    params = js.SamplingParams(
+        temperature=np.tile(np.float32([0.5, 1.0, 1.5, 0.8]), rows // 4),
+        top_k=np.tile(np.int32([0, 10, 40, 0, 25, 0, 5, 0]), rows // 8),
+        top_p=np.tile(np.float32([0.3, 1.0, 0.9, 0.6, 1.0, 0.95, 0.5, 0.8]), rows // 8)
+        * np.repeat(np.float32([1.0, 0.9, 0.8, 0.7, 1.0, 0.95, 0.85, 0.75]), rows // 8),
+        min_p=np.zeros(rows, np.float32),
+        top_p_rule=rule,
+    )
+    cols = [np.asarray(getattr(params, f)) for f in ("temperature", "top_k", "top_p", "min_p")]
+    ref = np.stack([reference(x[i], *(c[i] for c in cols), rule) for i in range(rows)])
+    probs = np.asarray(js.probs(jnp.asarray(x), params))
+    assert np.array_equal(probs > 0, ref > 0)
+    np.testing.assert_allclose(probs, ref, atol=2e-6, rtol=0)
+    layout = sampling.make_layout(jnp.asarray(x), 64)
+    res = cutoff.resolve(cutoff.prepare_rows(layout, *map(jnp.asarray, cols)), rule, 64)
+    assert np.asarray(res.use_fast).mean() > 0.75  # the first tier answered most of them
+
+
+@pytest.mark.parametrize("rule", ["inclusive", "exclusive"])
+def test_cumulative_mass_exactly_at_top_p(rule):
+    # Weights 1, 1/2, 1/4, 1/8 and a tied pair of 1/16 (total 2): cumulative fractions 1/2, 3/4,
+    # 7/8, 15/16, 1 meet top_p exactly. At equality inclusive stops after the token that
+    # reaches top_p, exclusive keeps it (its mass is <= p); a tied pair goes together. The
+    # expected sets are written out: a float64 reference would see log(1/2^k) rounded to
+    # float32 and miss the boundaries, while the sampler's float32 weights are exact here.
+    halves = np.log(np.float32(0.5) ** np.arange(1, 6)).astype(np.float32)
+    tokens = [3, 100, 101, 250, 400, 401]
+    row = np.full(V, -np.inf, np.float32)
+    row[tokens] = np.append(halves, halves[-1])
+    weights = np.float64([1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 16])
+    assert np.array_equal(np.asarray(jnp.exp(jnp.asarray(row[tokens] - row[3]))), weights)
+    x = np.tile(row, (N, 1))
+    top_p = np.float32([0.5, 0.75, 0.875, 0.9375, 0.96875, 0.6, 0.8, 0.9, 1.0, 0.0, 0.25, 0.99])
+    kept = {"inclusive": [1, 2, 3, 4, 6, 2, 3, 4, 6, 1, 1, 6],
+            "exclusive": [1, 2, 3, 4, 4, 1, 2, 3, 6, 1, 1, 4]}[rule]
+    expected = np.zeros((N, V))
+    for i, n in enumerate(kept):
+        expected[i, tokens[:n]] = weights[:n] / weights[:n].sum()
+    probs = np.asarray(js.probs(jnp.asarray(x), js.SamplingParams(top_p=top_p, top_p_rule=rule)))
+    assert np.array_equal(probs > 0, expected > 0)
+    np.testing.assert_allclose(probs, expected, atol=1e-7, rtol=0)
