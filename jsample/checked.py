@@ -7,9 +7,11 @@ Under ``jit`` the values are not known in Python, so jsample applies a documente
 ``-inf``, and ``sample_from_uniform`` treats ``u`` outside ``[0, 1)`` as its nearest end. The
 result is always a valid token, never NaN; :func:`checked` makes those substitutions visible.
 
-Every such rule carries a :func:`jax.experimental.checkify.debug_check`. Those checks compile
-to nothing in a normal program; they only run in a function transformed by :func:`checked`
-(or by ``checkify.checkify`` directly), which returns the first failed check as an error value.
+Every such rule carries a :func:`jax.experimental.checkify.debug_check`, traced only while
+:func:`checked` traces its function (a JAX configuration state, part of JAX's cache keys, says
+so): a check is a JAX effect, and any jitted function holding one is dispatched by JAX's slower
+Python path. A normal program holds no check and pays nothing; the checked one returns the first
+failed check as an error value.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any, Callable, TypeVar
 
 import jax
 from jax.experimental import checkify
+
+from jsample import validation
 
 Out = TypeVar("Out")
 
@@ -71,7 +75,11 @@ def checked(
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> tuple[checkify.Error, Out]:
-        err, out = transformed(*args, **kwargs)
+        if validation.CHECKED_MODE is None:
+            err, out = transformed(*args, **kwargs)
+        else:
+            with validation.CHECKED_MODE(True):
+                err, out = transformed(*args, **kwargs)
         leaves = jax.tree.leaves(err)
         if leaves and not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
             # Errors of sharded outputs stay sharded; Error.get() can only index host arrays.

@@ -102,16 +102,19 @@ def prepare_rows(layout: Layout, temperature, top_k, top_p, min_p) -> Rows:
     # second reduction over the logits.
     row_max = lax.optimization_barrier(layout.chunk_max).max(axis=-1)
     valid = row_max > -jnp.inf
+    # Each parameter is computed once into its own buffer, and the flags from those buffers:
+    # XLA would otherwise copy the chains that sanitised them into every consumer.
+    keep = selection.materialize
+    temperature, top_k, top_p, min_p = map(keep, (temperature, top_k, top_p, min_p))
     greedy = temperature == 0
     vocab = layout.vocab
-    keep = selection.materialize
     return Rows(
         layout=layout,
         row_max=keep(jnp.where(valid, row_max, 0.0)),
         temperature=keep(jnp.where(greedy, 1.0, temperature)),
-        top_k=keep(top_k),
-        top_p=keep(top_p),
-        min_p=keep(min_p),
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
         greedy=greedy,
         valid=valid,
         k_on=(top_k > 0) & (top_k < vocab),

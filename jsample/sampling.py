@@ -106,12 +106,20 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
         return in_row_blocks(sanitized, x, u, *params)
     # The whole batch at once, in its own dtype: every pass over the logits is a reduction
     # that reads them in place or runs in row blocks, and the rest works on small arrays.
+    # The sampler runs on the logits as they are while the NaN check (a second pass over
+    # them) runs beside it on the other core: it waits for nothing but the final select. On
+    # NaN or +inf that first answer is garbage (but finite work) and the sanitising branch
+    # replaces it.
     layout = make_layout(x, chunk)
-    return lax.cond(
-        is_clean(layout),
-        lambda: _sample_layout(layout, u, params, rule, count),
+    token, logprob = _sample_layout(layout, u, params, rule, count)
+    clean = is_clean(layout)
+    n = u.shape[0]
+    fixed = lax.cond(
+        clean,
+        lambda: (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32)),
         lambda: in_row_blocks(sanitized, x, u, *params),
     )
+    return jnp.where(clean, token, fixed[0]), jnp.where(clean, logprob, fixed[1])
 
 
 def kept_mask(rows: cutoff.Rows, rule: str, count: int) -> jax.Array:

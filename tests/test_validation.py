@@ -282,6 +282,30 @@ class TestTracedValues:
 
 
 class TestCheckedMode:
+    def test_plain_programs_trace_no_check(self):
+        # A check is a JAX effect, and a jitted function with one is dispatched by JAX's slow
+        # Python path: outside checked mode the samplers must trace none.
+        params = js.SamplingParams(temperature=jnp.ones(B), top_p=jnp.full(B, 0.9))
+
+        def program(keys, logits, u):
+            return (js.sample(keys, logits, params), js.probs(logits, params),
+                    js.sample_from_uniform(u, logits, params))
+
+        args = (_keys(), _logits(5), jnp.full(B, 0.5))
+        assert not jax.make_jaxpr(program)(*args).effects
+        with validation.CHECKED_MODE(True):  # what js.checked traces: the checks are there
+            assert jax.make_jaxpr(program)(*args).effects
+
+    def test_a_function_jitted_and_run_plainly_first_is_still_checked(self):
+        # Checked mode is part of JAX's trace cache key, so checkify never reuses the plain trace.
+        step = jax.jit(lambda keys, logits, t: js.sample(keys, logits, js.SamplingParams(temperature=t)))
+        bad = jnp.full(B, -1.0)
+        plain = step(_keys(), _logits(6), bad)
+        err, checked_tokens = js.checked(step)(_keys(), _logits(6), bad)
+        assert "temperature must be a finite number >= 0" in err.get()
+        assert np.array_equal(plain, checked_tokens)
+        assert np.array_equal(step(_keys(), _logits(6), bad), plain)
+
     def _run(self, logits=None, temperature=None, top_p=None, u=None):
         logits = _logits(5) if logits is None else logits
         temperature = jnp.ones(B) if temperature is None else temperature
