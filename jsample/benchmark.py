@@ -6,6 +6,8 @@ of them alike:
 
 * ``floor``: one jitted ``max`` over the logits, the cost of reading them once;
 * ``jsample``: ``jax.jit(js.sample)``;
+* ``jsample-rows``: the same with per-row parameters spread around the configuration's (see
+  :func:`per_row_params`), one compiled program for the whole spread;
 * ``jax``: the obvious JAX pipeline (``lax.top_k`` or a full sort for top-p, softmax, cumsum
   mask, ``jax.random.categorical``);
 * ``hf-flax``: transformers' Flax warpers (``transformers<5``) and ``jax.random.categorical``;
@@ -53,7 +55,7 @@ CONFIGS = (
     Config("top-k 50 + top-p 0.9", temperature=0.7, top_k=50, top_p=0.9),
     Config("min-p 0.05", min_p=0.05),
 )
-IMPLS = ("floor", "jsample", "jax", "hf-flax", "torch-seed", "torch-fast")
+IMPLS = ("floor", "jsample", "jsample-rows", "jax", "hf-flax", "torch-seed", "torch-fast")
 
 
 def make_logits(rows: int, vocab: int, profile: str, seed: int = 0) -> np.ndarray:
@@ -72,6 +74,26 @@ def make_logits(rows: int, vocab: int, profile: str, seed: int = 0) -> np.ndarra
 def _jsample(cfg: Config, candidates: int):
     params = js.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                min_p=cfg.min_p, candidates=candidates)
+    fn = jax.jit(lambda key, x, p: js.sample(key, x, p))
+    return lambda key, x: fn(key, x, params)
+
+
+def per_row_params(cfg: Config, rows: int, candidates: int) -> js.SamplingParams:
+    """Per-row values spread evenly around ``cfg``'s: temperature +-10%, top_k +-50%, top_p
+    +-0.05 (at most 0.99), min_p +-50%; filters that ``cfg`` leaves off stay off per row."""
+    spread = np.linspace(-1.0, 1.0, rows) if rows > 1 else np.zeros(1)
+    f32 = lambda a: np.asarray(a, np.float32)
+    return js.SamplingParams(
+        temperature=f32(cfg.temperature * (1 + 0.1 * spread)),
+        top_k=np.round(cfg.top_k * (1 + 0.5 * spread)).astype(np.int32),
+        top_p=f32(np.minimum(cfg.top_p + 0.05 * spread, 0.99) if cfg.top_p < 1 else np.ones(rows)),
+        min_p=f32(cfg.min_p * (1 + 0.5 * spread)),
+        candidates=candidates,
+    )
+
+
+def _jsample_rows(cfg: Config, rows: int, candidates: int):
+    params = per_row_params(cfg, rows, candidates)
     fn = jax.jit(lambda key, x, p: js.sample(key, x, p))
     return lambda key, x: fn(key, x, params)
 
@@ -195,6 +217,8 @@ def _timer(impl: str, cfg: Config, x_np: np.ndarray, dtype: str, device, candida
         fn = jax.jit(lambda k, v: jnp.max(v, axis=-1))
     elif impl == "jsample":
         fn = _jsample(cfg, candidates)
+    elif impl == "jsample-rows":
+        fn = _jsample_rows(cfg, x_np.shape[0], candidates)
     elif impl == "jax":
         fn = _jax_obvious(cfg)
     else:

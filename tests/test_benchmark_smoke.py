@@ -16,7 +16,7 @@ def test_quick_run_writes_a_table_for_every_config(tmp_path, capsys):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert {r["config"] for r in data["results"]} == {c.name for c in benchmark.CONFIGS}
     for r in data["results"]:
-        assert {"floor", "jsample", "jax", "torch-fast"} <= set(r["times"])
+        assert {"floor", "jsample", "jsample-rows", "jax", "torch-fast"} <= set(r["times"])
         assert all(t["median_s"] > 0 for t in r["times"].values())
     assert (tmp_path / "p.png").stat().st_size > 0
 
@@ -26,3 +26,15 @@ def test_peaked_logits_are_a_permuted_zipf_profile():
     assert x.shape == (3, 1000) and x.dtype == np.float32
     assert not np.array_equal(np.argsort(x[0]), np.argsort(x[1]))  # permuted per row
     assert x.max() - np.median(x) > 5  # a few tokens stand far above the rest
+
+
+def test_per_row_parameters_spread_around_the_configuration():
+    cfg = benchmark.Config("top-k 50 + top-p 0.9", temperature=0.7, top_k=50, top_p=0.9)
+    p = benchmark.per_row_params(cfg, 64, 64)
+    assert len(set(np.asarray(p.top_k).tolist())) > 30  # really per row
+    assert np.asarray(p.top_k).min() == 25 and np.asarray(p.top_k).max() == 75
+    np.testing.assert_allclose([np.asarray(p.top_p).min(), np.asarray(p.top_p).max()], [0.85, 0.95], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(p.temperature).mean(), 0.7, rtol=1e-6)
+    off = benchmark.per_row_params(benchmark.Config("greedy", temperature=0.0), 8, 64)
+    assert np.all(np.asarray(off.temperature) == 0) and np.all(np.asarray(off.top_k) == 0)
+    assert np.all(np.asarray(off.top_p) == 1) and np.all(np.asarray(off.min_p) == 0)
