@@ -20,7 +20,8 @@ Each row takes the first of three tiers that can prove its answer; all evaluate 
    certified when all tokens ``>= L`` fit and some filter provably drops every token below
    ``L`` (top-k: at least ``k`` tokens are ``>= L``; top-p: their mass reaches ``top_p``;
    min-p: ``L`` itself fails the min-p test).
-2. The same with four times the slots, for rows whose kept set is wider.
+2. The same with 4 and then 16 times the slots (:data:`TIER_WIDTHS`), for rows whose kept set
+   is wider; each tier runs only when a row needs it.
 3. :func:`full_thresholds`: an exact bisection over the whole vocabulary.
 
 :func:`candidate_cutoff` (the ``lax.top_k`` candidate tier) serves the sharded sampler.
@@ -28,6 +29,7 @@ Each row takes the first of three tiers that can prove its answer; all evaluate 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -40,8 +42,9 @@ from jsample.selection import LOWEST, Layout, first_argmax, smallest_true, top_c
 # Logit distance from the row maximum that the threshold search covers, per unit of temperature
 # above 1: a kept set reaching further down takes a slower tier, never a wrong answer.
 SEARCH_SPAN = 64.0
-# The wide tier has this many times the candidate slots.
-WIDE = 4
+# The candidate tiers' slots, in multiples of ``candidates``: a row takes the first tier that
+# holds its kept set, and the exact bisection over the vocabulary only past the last one.
+TIER_WIDTHS = (1, 4, 16)
 # Up to this many candidate slots the rules run as pairwise comparisons.
 _PAIRWISE_SLOTS = 128
 # The threshold search counts on at least this many maxima per row when the row has them.
@@ -195,8 +198,9 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     # slots' worth (top-p rows: the largest tokens hold the most mass, so they are the likeliest
     # set to reach top_p within the slots; half leaves room for what the count misses). Counted
     # on group maxima for long rows (a maximum >= L is a token >= L, so the count is a lower
-    # bound), on chunk maxima or the tokens themselves when there are too few groups to count.
-    if groups >= _SEARCH_ENTRIES:
+    # bound), on chunk maxima or the tokens themselves when there are too few groups to count
+    # (or too few for the slots: a count that cannot reach its target leaves L far too low).
+    if groups >= max(_SEARCH_ENTRIES, 2 * slots):
         maxima = group_max
     elif layout.chunks >= _SEARCH_ENTRIES or layout.chunks * layout.chunk > 4 * _SEARCH_ENTRIES:
         maxima = layout.chunk_max
@@ -374,7 +378,12 @@ def full_mass(rows: Rows) -> jax.Array:
 
 def full_thresholds(rows: Rows, rule: str, active: jax.Array) -> jax.Array:
     """Exact per-row thresholds over the whole vocabulary by bisection (no sort)."""
-    return map_rows(lambda r, a: _full_thresholds(r, rule, a), rows, active)
+    def block(r, a):
+        return lax.cond(
+            jnp.any(a), lambda: _full_thresholds(r, rule, a), lambda: jnp.full(a.shape, LOWEST)
+        )
+
+    return map_rows(block, rows, active)
 
 
 def _full_thresholds(rows: Rows, rule: str, active: jax.Array) -> jax.Array:
@@ -409,11 +418,23 @@ def run_if(any_row: jax.Array, fn, fallback):
 class Resolution(NamedTuple):
     """Where each row's answer comes from (see :func:`resolve`)."""
 
-    fast: Candidates  # tier 1, ``count`` slots, token ids increasing
-    use_fast: jax.Array  # [N] bool
-    wide: Candidates  # tier 2, ``WIDE * count`` slots
-    use_wide: jax.Array  # [N] bool
+    tiers: tuple[Candidates, ...]  # candidate tiers, ``count * TIER_WIDTHS[i]`` slots each
+    used: tuple[jax.Array, ...]  # [N] bool per tier: the rows it answers (at most one per row)
     threshold: jax.Array  # [N]: every row's top-k/top-p threshold, LOWEST without filters
+
+    @property
+    def use_fast(self) -> jax.Array:
+        return self.used[0]
+
+    @property
+    def use_wide(self) -> jax.Array:
+        """Rows answered by any tier after the first."""
+        return functools.reduce(jnp.logical_or, self.used[1:])
+
+    @property
+    def in_candidates(self) -> jax.Array:
+        """Rows answered by some candidate tier (the rest: no filter, or the full bisection)."""
+        return functools.reduce(jnp.logical_or, self.used)
 
 
 def _no_candidates(rows_n: int, slots: int) -> Candidates:
@@ -436,26 +457,24 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     filtered = rows.filtered
     needs_mass = filtered & rows.p_on & ~rows.k_on
     mass = run_if(jnp.any(needs_mass), lambda: full_mass(rows), jnp.ones((rows_n,)))
-    fast = run_if(
-        jnp.any(filtered),
-        lambda: threshold_candidates(rows, count, rule, mass),
-        _no_candidates(rows_n, count),
-    )
-    use_fast = filtered & fast.certified
-    left = filtered & ~use_fast
-    wide = run_if(
-        jnp.any(left),
-        lambda: threshold_candidates(rows, WIDE * count, rule, mass),
-        _no_candidates(rows_n, WIDE * count),
-    )
-    use_wide = left & wide.certified
-    needs_full = left & ~use_wide
+    tiers, used = [], []
+    left = filtered
+    for width in TIER_WIDTHS:
+        slots = width * count
+        tier = run_if(
+            jnp.any(left),
+            lambda slots=slots: threshold_candidates(rows, slots, rule, mass),
+            _no_candidates(rows_n, slots),
+        )
+        tiers.append(tier)
+        used.append(left & tier.certified)
+        left = left & ~tier.certified
     full = run_if(
-        jnp.any(needs_full),
-        lambda: full_thresholds(rows, rule, needs_full),
+        jnp.any(left),
+        lambda: full_thresholds(rows, rule, left),
         jnp.full((rows_n,), LOWEST),
     )
-    threshold = jnp.where(
-        use_fast, fast.threshold, jnp.where(use_wide, wide.threshold, jnp.where(needs_full, full, LOWEST))
-    )
-    return Resolution(fast, use_fast, wide, use_wide, threshold)
+    threshold = jnp.where(left, full, LOWEST)
+    for tier, use in zip(reversed(tiers), reversed(used)):
+        threshold = jnp.where(use, tier.threshold, threshold)
+    return Resolution(tuple(tiers), tuple(used), threshold)

@@ -67,19 +67,19 @@ def _sample_layout(layout, u, params, rule, count):
 
     def sampled():
         res = cutoff.resolve(rows, rule, count)
-        fast = cutoff.run_if(
-            jnp.any(res.use_fast), lambda: draw.draw_sorted(rows, res.fast, u), zeros
-        )
-        wide = cutoff.run_if(
-            jnp.any(res.use_wide), lambda: draw.draw_sorted(rows, res.wide, u), zeros
-        )
-        # Rows left over either have no filter (threshold LOWEST) or a full-vocabulary threshold.
-        chunked = ~res.use_fast & ~res.use_wide & ~plain
-        whole = cutoff.run_if(
+        # Rows outside the candidate tiers have no filter (threshold LOWEST) or a threshold from
+        # the bisection over the vocabulary: they draw from chunk masses.
+        chunked = ~res.in_candidates & ~plain
+        token, logprob = cutoff.run_if(
             jnp.any(chunked), lambda: draw.draw_chunked(rows, res.threshold, u), zeros
         )
-        pick = lambda a, b, c: jnp.where(res.use_fast, a, jnp.where(res.use_wide, b, c))
-        return tuple(map(pick, fast, wide, whole))
+        for tier, use in zip(res.tiers, res.used):
+            drawn = cutoff.run_if(
+                jnp.any(use), lambda tier=tier: draw.draw_sorted(rows, tier, u), zeros
+            )
+            token = jnp.where(use, drawn[0], token)
+            logprob = jnp.where(use, drawn[1], logprob)
+        return token, logprob
 
     token, logprob = cutoff.run_if(jnp.any(~plain), sampled, zeros)
     greedy = cutoff.run_if(jnp.any(plain), rows.greedy_tokens, zeros[0])

@@ -1,8 +1,8 @@
 """The fast paths equal the definitions: every tier of the cutoff, against a float64 NumPy reference.
 
-The sampler answers each row from the first of three tiers that can prove its kept set (see
-jsample/cutoff.py): the threshold candidates, the same with four times the slots, and an exact
-bisection over the vocabulary. Whatever the tier, the kept set, the probabilities and the
+The sampler answers each row from the first tier that can prove its kept set (see
+jsample/cutoff.py): the threshold candidates, the same with 4 and 16 times the slots, and an
+exact bisection over the vocabulary. Whatever the tier, the kept set, the probabilities and the
 inverse-CDF draw must be those of the rules written out naively below. Per-row parameters mix
 every filter in one batch; the logits include ties, clustered (sorted) rows and masked tokens;
 ``candidates`` 4 pushes most filtered rows past the first tier and 64 keeps most in it. The test
@@ -112,7 +112,7 @@ CASES = [(rule, candidates, seed) for rule in ("inclusive", "exclusive")
 @pytest.fixture(scope="module")
 def tiers_used():
     """Which tier answered each filtered row, over every case: proof the grid reaches them all."""
-    return {"fast": 0, "wide": 0, "full": 0}
+    return {**{f"candidates x{w}": 0 for w in cutoff.TIER_WIDTHS}, "full": 0}
 
 
 @pytest.mark.parametrize("rule, candidates, seed", CASES)
@@ -135,10 +135,9 @@ def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, tiers_use
     rows = cutoff.prepare_rows(layout, *values)
     res = cutoff.resolve(rows, rule, candidates)
     filtered = np.asarray(rows.filtered)
-    fast, wide = np.asarray(res.use_fast), np.asarray(res.use_wide)
-    tiers_used["fast"] += int(fast.sum())
-    tiers_used["wide"] += int(wide.sum())
-    tiers_used["full"] += int((filtered & ~fast & ~wide).sum())
+    for width, use in zip(cutoff.TIER_WIDTHS, res.used):
+        tiers_used[f"candidates x{width}"] += int(np.asarray(use).sum())
+    tiers_used["full"] += int((filtered & ~np.asarray(res.in_candidates)).sum())
 
 
 def test_every_tier_answered_some_rows(tiers_used):
