@@ -50,10 +50,11 @@ class SamplingParams:
         cumulative mass, counting every token at least as probable, is ``<= top_p`` (the
         PyTorch ``do_sampling`` reference: the token that crosses ``top_p`` is dropped).
         Both always keep the most probable token(s).
-      candidates: static, a speed knob that never changes results. The fast path examines the
-        ``candidates`` highest logits of each row; a row whose kept set does not fit in them
-        (a large ``top_k``, a wide nucleus over flat logits) takes an exact full-vocabulary
-        path instead. Raise it when most rows keep more tokens than this.
+      candidates: static, a speed knob that never changes results: the slots of the first
+        candidate tier (the tokens at or above a per-row threshold). A row whose kept set does
+        not fit takes a tier with 4x, then 16x the slots, then an exact full-vocabulary path.
+        Make it at least the largest ``top_k`` you use (a static bound on per-row ``k``), and
+        raise it when most rows keep more tokens than this.
 
     Example:
       >>> import jsample as js
