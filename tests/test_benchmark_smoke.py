@@ -35,6 +35,7 @@ def test_per_row_parameters_spread_around_the_configuration():
     assert np.asarray(p.top_k).min() == 25 and np.asarray(p.top_k).max() == 75
     np.testing.assert_allclose([np.asarray(p.top_p).min(), np.asarray(p.top_p).max()], [0.85, 0.95], atol=1e-6)
     np.testing.assert_allclose(np.asarray(p.temperature).mean(), 0.7, rtol=1e-6)
+    assert p.candidates == 128  # the static bound on k that the documentation asks for
     off = benchmark.per_row_params(benchmark.Config("greedy", temperature=0.0), 8, 64)
     assert np.all(np.asarray(off.temperature) == 0) and np.all(np.asarray(off.top_k) == 0)
     assert np.all(np.asarray(off.top_p) == 1) and np.all(np.asarray(off.min_p) == 0)
