@@ -106,10 +106,9 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
         return in_row_blocks(sanitized, x, u, *params)
     # The whole batch at once, in its own dtype: every pass over the logits is a reduction
     # that reads them in place or runs in row blocks, and the rest works on small arrays.
-    # The sampler runs on the logits as they are while the NaN check (a second pass over
-    # them) runs beside it on the other core: it waits for nothing but the final select. On
-    # NaN or +inf that first answer is garbage (but finite work) and the sanitising branch
-    # replaces it.
+    # The sampler runs on the logits as they are and does not wait for the NaN check (a second
+    # pass over them): only the final select does. On NaN or +inf that first answer is garbage
+    # (but finite work) and the sanitising branch replaces it.
     layout = make_layout(x, chunk)
     token, logprob = _sample_layout(layout, u, params, rule, count)
     clean = is_clean(layout)

@@ -96,21 +96,14 @@ def is_clean(layout: Layout) -> jax.Array:
 
     +inf shows in the chunk maxima, NaN does not: XLA:CPU's vectorised (YNNPACK) max reduction
     drops NaN, and can return a wrong maximum for a chunk holding one. A sum always propagates
-    NaN, so one sum over the logits catches it; it runs on the other core, beside the work that
-    follows the chunk maxima. Its only false alarm, a sum that overflows to inf - inf, merely sends
+    NaN, so one sum over the logits catches it, at the cost of a second pass (the sampler does
+    not wait for it, see ``sampling._sample_rows``). Its only false alarm, a sum that overflows to inf - inf, merely sends
     the block down the sanitising path, which gives the same results.
     """
     # The barrier keeps XLA from merging this max with the reduction that made chunk_max into
-    # one more pass over the logits, and starts the sum only once the chunk maxima exist: run
-    # side by side, the two passes would share the memory bandwidth and delay the maxima that
-    # everything else waits for, while the sum has slack until the final select.
-    # (A barrier is no runtime dependency; a branch on the maxima is.)
+    # one more pass over the logits.
     chunk_max = lax.optimization_barrier(layout.chunk_max)
-    return lax.cond(
-        jnp.max(chunk_max) < jnp.inf,
-        lambda: ~jnp.isnan(jnp.sum(layout.x)),
-        lambda: jnp.array(False),
-    )
+    return (jnp.max(chunk_max) < jnp.inf) & ~jnp.isnan(jnp.sum(layout.x))
 
 
 def tree_max(a: jax.Array) -> jax.Array:
