@@ -423,15 +423,6 @@ class Resolution(NamedTuple):
     threshold: jax.Array  # [N]: every row's top-k/top-p threshold, LOWEST without filters
 
     @property
-    def use_fast(self) -> jax.Array:
-        return self.used[0]
-
-    @property
-    def use_wide(self) -> jax.Array:
-        """Rows answered by any tier after the first."""
-        return functools.reduce(jnp.logical_or, self.used[1:])
-
-    @property
     def in_candidates(self) -> jax.Array:
         """Rows answered by some candidate tier (the rest: no filter, or the full bisection)."""
         return functools.reduce(jnp.logical_or, self.used)

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jsample import sampling, validation
+from jsample import sampling, selection, validation
 from jsample.params import FIELD_DTYPES, SamplingParams
 
 
@@ -38,7 +38,7 @@ def _apply_rows(x, temperature, top_k, top_p, min_p, *, rule, divide):
     def block(xb, *pb):
         return sampling._on_clean_logits(xb, lambda layout: _apply_layout(layout, pb, rule, divide))
 
-    return sampling.in_row_blocks(block, x, *params)
+    return selection.map_row_blocks(block, x, *params)
 
 
 def _apply(fn: str, logits, *, rule="inclusive", divide=False, **setting):

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 
 from jax import lax
 
-from jsample import cutoff, draw, validation
+from jsample import cutoff, draw, selection, validation
 from jsample.params import FIELD_DTYPES, SamplingParams
-from jsample import selection
 from jsample.selection import is_clean, make_layout, sanitize_logits
 
 
@@ -48,11 +47,6 @@ def _on_clean_logits(logits, fn):
         lambda: fn(layout),
         lambda: fn(make_layout(sanitize_logits(x))),
     )
-
-
-def in_row_blocks(fn, x, *per_row):
-    """``fn(x, *per_row)`` applied to blocks of rows with ``lax.map``; results are re-joined."""
-    return selection.map_row_blocks(fn, x, *per_row)
 
 
 def _rows(layout, temperature, top_k, top_p, min_p) -> cutoff.Rows:
@@ -103,7 +97,7 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
     if chunk is None:
         # A chunk length that does not divide the vocabulary means a padded copy: make it
         # block by block.
-        return in_row_blocks(sanitized, x, u, *params)
+        return selection.map_row_blocks(sanitized, x, u, *params)
     # The whole batch at once, in its own dtype: every pass over the logits is a reduction
     # that reads them in place or runs in row blocks, and the rest works on small arrays.
     # The sampler runs on the logits as they are and does not wait for the NaN check (a second
@@ -116,7 +110,7 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
     fixed = lax.cond(
         clean,
         lambda: (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32)),
-        lambda: in_row_blocks(sanitized, x, u, *params),
+        lambda: selection.map_row_blocks(sanitized, x, u, *params),
     )
     return jnp.where(clean, token, fixed[0]), jnp.where(clean, logprob, fixed[1])
 
@@ -148,7 +142,7 @@ def _log_probs_rows(x, temperature, top_k, top_p, min_p, *, rule, count):
     def block(xb, *pb):
         return _on_clean_logits(xb, lambda layout: _log_probs_layout(layout, pb, rule, count))
 
-    return in_row_blocks(block, x, *params)
+    return selection.map_row_blocks(block, x, *params)
 
 
 def _uniforms(fn: str, key: Any, batch_shape: tuple[int, ...]) -> jax.Array:

@@ -52,10 +52,6 @@ class Layout(NamedTuple):
     def blocks(self) -> jax.Array:
         return self.x.reshape(self.x.shape[0], self.chunks, self.chunk)
 
-    def gather_chunks(self, chunk_ids: jax.Array) -> jax.Array:
-        """``[N, M]`` chunk ids -> ``[N, M, chunk]`` values."""
-        return jnp.take_along_axis(self.blocks, chunk_ids[..., None], axis=1)
-
     def chunk_values(self, chunk_ids: jax.Array) -> jax.Array:
         """``[N, M]`` chunk ids (in range) -> float32 ``[N, M, chunk]`` values."""
         return gather_rows(self.blocks, chunk_ids).astype(jnp.float32)
@@ -97,8 +93,8 @@ def is_clean(layout: Layout) -> jax.Array:
     +inf shows in the chunk maxima, NaN does not: XLA:CPU's vectorised (YNNPACK) max reduction
     drops NaN, and can return a wrong maximum for a chunk holding one. A sum always propagates
     NaN, so one sum over the logits catches it, at the cost of a second pass (the sampler does
-    not wait for it, see ``sampling._sample_rows``). Its only false alarm, a sum that overflows to inf - inf, merely sends
-    the block down the sanitising path, which gives the same results.
+    not wait for it, see ``sampling._sample_rows``). Its only false alarm, a sum that overflows
+    to inf - inf, merely sends the block down the sanitising path, which gives the same results.
     """
     # The barrier keeps XLA from merging this max with the reduction that made chunk_max into
     # one more pass over the logits.
@@ -106,14 +102,18 @@ def is_clean(layout: Layout) -> jax.Array:
     return (jnp.max(chunk_max) < jnp.inf) & ~jnp.isnan(jnp.sum(layout.x))
 
 
-def tree_max(a: jax.Array) -> jax.Array:
-    """Max over the last axis by pairwise halving (padded with ``-inf`` to a power of two)."""
-    n = a.shape[-1]
-    a = pad_columns(a, 1 << max(n - 1, 0).bit_length(), -jnp.inf)
+def _tree_reduce(a: jax.Array, op, identity: float) -> jax.Array:
+    """``op`` over the last axis by pairwise halving, padded with ``identity`` to a power of two."""
+    a = pad_columns(a, 1 << max(a.shape[-1] - 1, 0).bit_length(), identity)
     while a.shape[-1] > 1:
         half = a.shape[-1] // 2
-        a = jnp.maximum(a[..., :half], a[..., half:])
+        a = op(a[..., :half], a[..., half:])
     return a[..., 0]
+
+
+def tree_max(a: jax.Array) -> jax.Array:
+    """Max over the last axis by pairwise halving (elementwise ops, no reduction)."""
+    return _tree_reduce(a, jnp.maximum, -jnp.inf)
 
 
 def make_layout(x: jax.Array, chunk: int | None = None) -> Layout:
@@ -197,7 +197,7 @@ def top_candidates(layout: Layout, count: int) -> tuple[jax.Array, jax.Array]:
         return values, indices.astype(jnp.int32)
     _, chunk_ids = _top_k(layout.chunk_max, count)
     flat_ids = (chunk_ids[..., None] * layout.chunk + jnp.arange(layout.chunk)).reshape(rows, -1)
-    pool = layout.gather_chunks(chunk_ids).reshape(rows, -1)
+    pool = gather_rows(layout.blocks, chunk_ids).reshape(rows, -1)
     values, positions = _top_k(pool, count)
     indices = jnp.take_along_axis(flat_ids, positions, axis=-1)
     return values, indices.astype(jnp.int32)
@@ -219,12 +219,7 @@ def tree_sum(a: jax.Array) -> jax.Array:
     Elementwise adds in a fixed order, so a row's sum never depends on the batch size: XLA:CPU
     switches between two reduction emitters with the array size, and they round differently.
     """
-    n = a.shape[-1]
-    a = pad_columns(a, 1 << max(n - 1, 0).bit_length(), 0.0)
-    while a.shape[-1] > 1:
-        half = a.shape[-1] // 2
-        a = a[..., :half] + a[..., half:]
-    return a[..., 0]
+    return _tree_reduce(a, jnp.add, 0.0)
 
 
 def chunk_sums(weights: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: int) -> jax.Array:

@@ -17,6 +17,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import jsample as js
+from checked_program import traced_program
 
 ROWS, V = 6, 257
 NAN, INF = float("nan"), float("inf")
@@ -168,16 +169,6 @@ def test_mismatched_shapes_raise_naming_the_argument(batch_shape, wrong, data):
             js.sample_from_uniform(np.zeros(bad_shape, np.float32), logits)
 
 
-# The same program as tests/test_validation.py's, name included: the persistent compilation
-# cache then compiles it once for both modules.
-@jax.jit
-@js.checked
-def _traced_program(keys, logits, temperature, top_k, top_p, min_p, u):
-    params = js.SamplingParams(temperature, top_k, top_p, min_p)
-    tokens, logprobs = js.sample(keys, logits, params, return_logprobs=True)
-    return tokens, logprobs, js.probs(logits, params), js.sample_from_uniform(u, logits, params)
-
-
 @settings(max_examples=40)
 @given(case=logits_cases(), data=st.data())
 def test_traced_values_never_raise_and_checked_mode_reports_exactly_the_bad_ones(case, data):
@@ -189,7 +180,7 @@ def test_traced_values_never_raise_and_checked_mode_reports_exactly_the_bad_ones
     top_k = np.where(values["top_k"] == 2.5, -1, values["top_k"]).astype(np.int32)
     values["top_k"] = top_k
     f32 = lambda name: np.asarray(values[name], np.float32)
-    err, (tokens, logprobs, probs, replay) = _traced_program(
+    err, (tokens, logprobs, probs, replay) = traced_program(
         jax.random.split(jax.random.key(2), ROWS), jnp.asarray(x), f32("temperature"), top_k,
         f32("top_p"), f32("min_p"), jnp.asarray(u))
     _check_result(tokens, logprobs, probs, patterns, (ROWS,))

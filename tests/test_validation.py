@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jsample as js
+from checked_program import traced_program
 from jsample import validation
 
 B, V = 6, 257
@@ -213,14 +214,6 @@ def _columns(rows):
             jnp.array(m, jnp.float32))
 
 
-@jax.jit
-@js.checked
-def _traced_program(keys, logits, temperature, top_k, top_p, min_p, u):
-    params = js.SamplingParams(temperature, top_k, top_p, min_p)
-    tokens, logprobs = js.sample(keys, logits, params, return_logprobs=True)
-    return tokens, logprobs, js.probs(logits, params), js.sample_from_uniform(u, logits, params)
-
-
 def _traced(keys, logits, temperature, top_k, top_p, min_p, u=0.5):
     """Every test of traced values runs this one compiled program, in checked mode.
 
@@ -229,7 +222,7 @@ def _traced(keys, logits, temperature, top_k, top_p, min_p, u=0.5):
     through NumPy with fixed dtypes so that no call differs in weak type and recompiles.
     """
     f32 = lambda a: np.broadcast_to(np.asarray(a, np.float32), (B,))
-    return _traced_program(keys, logits, f32(temperature), np.broadcast_to(np.asarray(top_k, np.int32), (B,)),
+    return traced_program(keys, logits, f32(temperature), np.broadcast_to(np.asarray(top_k, np.int32), (B,)),
                            f32(top_p), f32(min_p), f32(u))
 
 
