@@ -7,7 +7,8 @@ workers would otherwise slow the JAX runs that follow them; each timed call foll
 one of the same implementation):
 
 * ``floor``: one jitted ``max`` over the logits, the cost of reading them once;
-* ``jsample``: ``jax.jit(js.sample)``;
+* ``jsample``: ``jax.jit(js.sample)``, its parameter values put on the device once (as a
+  decode loop holds them);
 * ``jsample-rows``: the same with per-row parameters spread around the configuration's (see
   :func:`per_row_params`; ``candidates`` at least the largest ``top_k``), one compiled program
   for the whole spread;
@@ -74,9 +75,15 @@ def make_logits(rows: int, vocab: int, profile: str, seed: int = 0) -> np.ndarra
 
 
 # ---------------------------------------------------------------------------- implementations
+def _on_device(params: js.SamplingParams) -> js.SamplingParams:
+    """The parameter values as device arrays, put there once: a decode loop holds them so, and
+    a Python scalar or NumPy array argument would be copied to the device on every call."""
+    return jax.tree.map(jax.device_put, params)
+
+
 def _jsample(cfg: Config, candidates: int):
-    params = js.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                               min_p=cfg.min_p, candidates=candidates)
+    params = _on_device(js.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k,
+                                          top_p=cfg.top_p, min_p=cfg.min_p, candidates=candidates))
     fn = jax.jit(lambda key, x, p: js.sample(key, x, p))
     return lambda key, x: fn(key, x, params)
 
@@ -104,7 +111,7 @@ def per_row_params(cfg: Config, rows: int, candidates: int) -> js.SamplingParams
 
 
 def _jsample_rows(cfg: Config, rows: int, candidates: int):
-    params = per_row_params(cfg, rows, candidates)
+    params = _on_device(per_row_params(cfg, rows, candidates))
     fn = jax.jit(lambda key, x, p: js.sample(key, x, p))
     return lambda key, x: fn(key, x, params)
 

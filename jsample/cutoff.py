@@ -88,12 +88,28 @@ class Rows(NamedTuple):
         """Unnormalised probabilities of ``values`` (``[N, ...]``), zero where not kept.
 
         One ``exp`` per entry serves both the weight and the min-p test, so XLA fuses it into
-        the reduction that consumes it. ``-inf`` logits get weight 0 without a test.
+        the reduction that consumes it. ``-inf`` logits get weight 0 without a test. A NaN
+        logit fails both comparisons and keeps its weight, NaN: a sum of weights over the raw
+        logits then reveals it (see :attr:`Resolution.nan_probe`).
         """
         extra = (1,) * (values.ndim - 1)
         weight = jnp.exp(self.scaled(values))
-        kept = (values >= threshold.reshape(-1, *extra)) & (weight >= self.min_p.reshape(-1, *extra))
-        return jnp.where(kept, weight, 0.0)
+        dropped = (values < threshold.reshape(-1, *extra)) | (weight < self.min_p.reshape(-1, *extra))
+        return jnp.where(dropped, 0.0, weight)
+
+    @property
+    def mass_rows(self) -> jax.Array:
+        """Rows whose top-p needs the mass of the whole vocabulary: top-p without top-k.
+
+        Decided by the parameters alone (invalid rows included), so that the exp pass that
+        computes the mass runs whenever the parameters ask for it.
+        """
+        return self.p_on & ~self.k_on & ~self.greedy
+
+    @property
+    def unfiltered(self) -> jax.Array:
+        """Rows that sample from the whole tempered distribution, by the parameters alone."""
+        return ~(self.k_on | self.p_on | (self.min_p > 0)) & ~self.greedy
 
     def greedy_tokens(self) -> jax.Array:
         return first_argmax(self.layout, jnp.where(self.valid, self.row_max, -jnp.inf))
@@ -361,8 +377,8 @@ def chunk_masses(rows: Rows, threshold: jax.Array | None = None) -> jax.Array:
     chunk = rows.layout.chunk
     if threshold is None:
         # The select keeps the exp out of XLA's vectorised reduction, which runs exp on one
-        # core at a fraction of the speed of XLA's own loop.
-        weights = lambda r: lambda v: jnp.where(v > -jnp.inf, jnp.exp(r.scaled(v)), 0.0)
+        # core at a fraction of the speed of XLA's own loop. NaN keeps its weight, NaN.
+        weights = lambda r: lambda v: jnp.where(v == -jnp.inf, 0.0, jnp.exp(r.scaled(v)))
         return map_rows(lambda r: selection.chunk_sums(weights(r), r.layout.x, chunk), rows)
     return map_rows(
         lambda r, t: selection.chunk_sums(lambda v: r.weights(v, t), r.layout.x, chunk),
@@ -421,6 +437,9 @@ class Resolution(NamedTuple):
     tiers: tuple[Candidates, ...]  # candidate tiers, ``count * TIER_WIDTHS[i]`` slots each
     used: tuple[jax.Array, ...]  # [N] bool per tier: the rows it answers (at most one per row)
     threshold: jax.Array  # [N]: every row's top-k/top-p threshold, LOWEST without filters
+    # The sum of the full masses, NaN when any row's logits hold NaN; 0 when no exp pass ran
+    # (no row in :attr:`Rows.mass_rows`).
+    nan_probe: jax.Array
 
     @property
     def in_candidates(self) -> jax.Array:
@@ -446,8 +465,10 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     """
     rows_n = rows.row_max.shape[0]
     filtered = rows.filtered
-    needs_mass = filtered & rows.p_on & ~rows.k_on
-    mass = run_if(jnp.any(needs_mass), lambda: full_mass(rows), jnp.ones((rows_n,)))
+    masses = run_if(
+        jnp.any(rows.mass_rows), lambda: full_mass(rows), jnp.zeros((rows_n,))
+    )
+    mass = jnp.where(rows.mass_rows, masses, 1.0)
     tiers, used = [], []
     left = filtered
     for width in TIER_WIDTHS:
@@ -468,4 +489,4 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     threshold = jnp.where(left, full, LOWEST)
     for tier, use in zip(reversed(tiers), reversed(used)):
         threshold = jnp.where(use, tier.threshold, threshold)
-    return Resolution(tuple(tiers), tuple(used), threshold)
+    return Resolution(tuple(tiers), tuple(used), threshold, jnp.sum(masses))

@@ -63,13 +63,16 @@ def draw_sorted(rows: Rows, cands: Candidates, u: jax.Array) -> tuple[jax.Array,
     return token, logprob
 
 
-def draw_chunked(rows: Rows, threshold: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+def draw_chunked(
+    rows: Rows, threshold: jax.Array, u: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Exact draw over the whole vocabulary: a group of chunks by its mass, then a chunk, then a
     token.
 
     Tokens count when ``>= threshold`` (per row) and when they pass min-p. One ``exp`` pass gives
     the chunk masses (:func:`jsample.cutoff.chunk_masses`); the rest reads one group of chunk
-    masses and one chunk per row.
+    masses and one chunk per row. Returns ``(token [N], logprob [N], mass [N])``: ``mass`` is
+    each row's kept mass, NaN when the row's logits hold NaN.
     """
     layout = rows.layout
     masses = cutoff.chunk_masses(rows, threshold)  # [N, chunks]
@@ -90,7 +93,7 @@ def draw_chunked(rows: Rows, threshold: jax.Array, u: jax.Array) -> tuple[jax.Ar
     position, _ = pick(rows.weights(values, threshold), target)
     token = chunk * layout.chunk + position
     scaled = rows.scaled(jnp.take_along_axis(values, position[:, None], axis=1))[:, 0]
-    return token, scaled - jnp.log(total)
+    return token, scaled - jnp.log(total), total
 
 
 # Chunk masses per group in the whole-vocabulary draw.

@@ -54,6 +54,12 @@ def _rows(layout, temperature, top_k, top_p, min_p) -> cutoff.Rows:
 
 
 def _sample_layout(layout, u, params, rule, count):
+    """Tokens and logprobs of every row, and a NaN probe: ``(token, logprob, probed, probe)``.
+
+    When ``probed`` (decided by the parameters alone, see :attr:`cutoff.Rows.mass_rows` and
+    :attr:`cutoff.Rows.unfiltered`), an exp pass read every row of the logits and ``probe`` is
+    NaN exactly when one holds NaN: the caller needs no pass of its own to find out.
+    """
     rows = _rows(layout, *params)
     n = u.shape[0]
     zeros = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
@@ -64,8 +70,10 @@ def _sample_layout(layout, u, params, rule, count):
         # Rows outside the candidate tiers have no filter (threshold LOWEST) or a threshold from
         # the bisection over the vocabulary: they draw from chunk masses.
         chunked = ~res.in_candidates & ~plain
-        token, logprob = cutoff.run_if(
-            jnp.any(chunked), lambda: draw.draw_chunked(rows, res.threshold, u), zeros
+        token, logprob, mass = cutoff.run_if(
+            jnp.any(chunked | rows.unfiltered),
+            lambda: draw.draw_chunked(rows, res.threshold, u),
+            (*zeros, jnp.zeros((n,), jnp.float32)),
         )
         for tier, use in zip(res.tiers, res.used):
             drawn = cutoff.run_if(
@@ -73,15 +81,18 @@ def _sample_layout(layout, u, params, rule, count):
             )
             token = jnp.where(use, drawn[0], token)
             logprob = jnp.where(use, drawn[1], logprob)
-        return token, logprob
+        return token, logprob, res.nan_probe + jnp.sum(mass)
 
-    token, logprob = cutoff.run_if(jnp.any(~plain), sampled, zeros)
+    probed = jnp.any(rows.mass_rows | rows.unfiltered)
+    token, logprob, probe = cutoff.run_if(
+        jnp.any(~plain) | probed, sampled, (*zeros, jnp.float32(0.0))
+    )
     greedy = cutoff.run_if(jnp.any(plain), rows.greedy_tokens, zeros[0])
     token = jnp.where(plain, greedy, token)
     # Greedy rows drew their token with probability 1; rows without a finite logit are flagged.
     logprob = jnp.where(rows.greedy, 0.0, logprob)
     logprob = jnp.where(rows.valid, logprob, -jnp.inf)
-    return token, logprob
+    return token, logprob, probed, probe
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "count"))
@@ -92,7 +103,7 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
 
     def sanitized(xb, ub, *pb):
         layout = make_layout(sanitize_logits(xb.astype(jnp.float32)), chunk)
-        return _sample_layout(layout, ub, pb, rule, count)
+        return _sample_layout(layout, ub, pb, rule, count)[:2]
 
     if chunk is None:
         # A chunk length that does not divide the vocabulary means a padded copy: make it
@@ -104,8 +115,12 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
     # pass over them): only the final select does. On NaN or +inf that first answer is garbage
     # (but finite work) and the sanitising branch replaces it.
     layout = make_layout(x, chunk)
-    token, logprob = _sample_layout(layout, u, params, rule, count)
-    clean = is_clean(layout)
+    token, logprob, probed, probe = _sample_layout(layout, u, params, rule, count)
+    # When the parameters make the sampler read every row through an exp pass, its sums reveal
+    # NaN and no separate pass is made; otherwise the NaN sum starts as soon as the parameters
+    # are known, beside the sampler.
+    nan_sum = lax.cond(probed, lambda: jnp.float32(0.0), lambda: selection.nan_sum(layout).astype(jnp.float32))
+    clean = selection.below_infinity(layout) & ~jnp.isnan(jnp.where(probed, probe, nan_sum))
     n = u.shape[0]
     fixed = lax.cond(
         clean,

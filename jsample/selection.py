@@ -92,14 +92,24 @@ def is_clean(layout: Layout) -> jax.Array:
 
     +inf shows in the chunk maxima, NaN does not: XLA:CPU's vectorised (YNNPACK) max reduction
     drops NaN, and can return a wrong maximum for a chunk holding one. A sum always propagates
-    NaN, so one sum over the logits catches it, at the cost of a second pass (the sampler does
-    not wait for it, see ``sampling._sample_rows``). Its only false alarm, a sum that overflows
-    to inf - inf, merely sends the block down the sanitising path, which gives the same results.
+    NaN, so one sum over the logits catches it, at the cost of a second pass (the sampler reads
+    NaN off its own exp pass when it makes one, see ``sampling._sample_rows``). Its only false
+    alarm, a sum that overflows to inf - inf, merely sends the block down the sanitising path,
+    which gives the same results.
     """
+    return below_infinity(layout) & ~jnp.isnan(nan_sum(layout))
+
+
+def below_infinity(layout: Layout) -> jax.Array:
+    """True when no chunk maximum is +inf (NaN is not seen here: see :func:`is_clean`)."""
     # The barrier keeps XLA from merging this max with the reduction that made chunk_max into
     # one more pass over the logits.
-    chunk_max = lax.optimization_barrier(layout.chunk_max)
-    return (jnp.max(chunk_max) < jnp.inf) & ~jnp.isnan(jnp.sum(layout.x))
+    return jnp.max(lax.optimization_barrier(layout.chunk_max)) < jnp.inf
+
+
+def nan_sum(layout: Layout) -> jax.Array:
+    """The sum of all logits: NaN when one is NaN (a pass over the logits)."""
+    return jnp.sum(layout.x)
 
 
 def _tree_reduce(a: jax.Array, op, identity: float) -> jax.Array:
