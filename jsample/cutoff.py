@@ -20,8 +20,9 @@ Each row takes the first of three tiers that can prove its answer; all evaluate 
    certified when all tokens ``>= L`` fit and some filter provably drops every token below
    ``L`` (top-k: at least ``k`` tokens are ``>= L``; top-p: their mass reaches ``top_p``;
    min-p: ``L`` itself fails the min-p test).
-2. The same with 4 and then 16 times the slots (:data:`TIER_WIDTHS`), for rows whose kept set
-   is wider; each tier runs only when a row needs it.
+2. The same with 4 and then 16 times the slots (:data:`TIER_WIDTHS`, the widest at most half
+   the chunks: :func:`tier_slots`), for rows whose kept set is wider; each tier runs only for
+   the rows that need it and that it could certify (:func:`could_certify`).
 3. :func:`full_thresholds`: an exact bisection over the whole vocabulary.
 
 :func:`candidate_cutoff` (the ``lax.top_k`` candidate tier) serves the sharded sampler.
@@ -45,6 +46,11 @@ SEARCH_SPAN = 64.0
 # The candidate tiers' slots, in multiples of ``candidates``: a row takes the first tier that
 # holds its kept set, and the exact bisection over the vocabulary only past the last one.
 TIER_WIDTHS = (1, 4, 16)
+# The wider tiers collect at most half the chunks of a long vocabulary (at least this many
+# slots): past that a tier reads about as much as the bisection over the vocabulary, and its
+# temporaries, tens of MB, push XLA's per-call buffer past glibc's mmap threshold, so that
+# every call page-faults it afresh.
+_WIDEST_TIER_MIN = 256
 # Up to this many candidate slots the rules run as pairwise comparisons.
 _PAIRWISE_SLOTS = 128
 # The threshold search counts on at least this many maxima per row when the row has them.
@@ -195,27 +201,27 @@ def candidate_cutoff(rows: Rows, count: int, rule: str, full_mass: jax.Array) ->
     return Candidates(values, indices, keep, threshold, certified)
 
 
-def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array) -> Candidates:
-    """The first tier: every token at or above a per-row threshold, in vocabulary order.
+class TierThreshold(NamedTuple):
+    """A candidate tier's per-row threshold ``L``, found before the tier runs."""
 
-    ``full_mass`` is ``sum(exp(scaled))`` over the vocabulary, read by rows with top-p and no
-    top-k (ones elsewhere). Returns candidates with ``slots`` entries: values (``-inf`` after
-    the last one), token ids in increasing order, the kept flags, the top-k/top-p threshold and
-    the certificate (see the module docstring).
+    threshold: jax.Array  # [N] float32: the tier collects every token >= threshold
+    min_p_proof: jax.Array  # [N] bool: min-p alone drops every token below the threshold
+
+
+def tier_threshold(rows: Rows, slots: int) -> TierThreshold:
+    """The threshold ``L`` of a tier with ``slots`` slots (see :func:`threshold_candidates`).
+
+    The largest L with at least k tokens at or above it (top-k rows), or with about half the
+    slots' worth (top-p rows: the largest tokens hold the most mass, so they are the likeliest
+    set to reach top_p within the slots; half leaves room for what the count misses). Counted
+    on group maxima for long rows (a maximum >= L is a token >= L, so the count is a lower
+    bound), on chunk maxima or the tokens themselves when there are too few groups to count
+    (or too few for the slots: a count that cannot reach its target leaves L far too low).
     """
     layout = rows.layout
-    n = rows.row_max.shape[0]
-    group_max, per_group = selection.group_max(layout)
+    group_max, _ = selection.group_max(layout)
     groups = group_max.shape[1]
     p_only = rows.p_on & ~rows.k_on
-    m_on = rows.min_p > 0
-
-    # The largest L with at least k tokens at or above it (top-k rows), or with about half the
-    # slots' worth (top-p rows: the largest tokens hold the most mass, so they are the likeliest
-    # set to reach top_p within the slots; half leaves room for what the count misses). Counted
-    # on group maxima for long rows (a maximum >= L is a token >= L, so the count is a lower
-    # bound), on chunk maxima or the tokens themselves when there are too few groups to count
-    # (or too few for the slots: a count that cannot reach its target leaves L far too low).
     if groups >= max(_SEARCH_ENTRIES, 2 * slots):
         maxima = group_max
     elif layout.chunks >= _SEARCH_ENTRIES or layout.chunks * layout.chunk > 4 * _SEARCH_ENTRIES:
@@ -234,10 +240,48 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     # min-p may not raise their threshold.
     margin = 1e-3 * rows.temperature + 1e-6 * jnp.abs(rows.row_max)
     min_p_cut = rows.row_max + rows.temperature * jnp.log(rows.min_p) - margin
-    m_on = m_on & ~(rows.k_on & rows.p_on)
+    m_on = (rows.min_p > 0) & ~(rows.k_on & rows.p_on)
     threshold = selection.materialize(
         jnp.where(m_on, jnp.maximum(threshold, min_p_cut), threshold)
     )
+    return TierThreshold(threshold, m_on & (jnp.exp(rows.scaled(threshold)) < rows.min_p))
+
+
+def could_certify(rows: Rows, tier: TierThreshold, slots: int, chunk_mass: jax.Array,
+                  full_mass: jax.Array) -> jax.Array:
+    """[N] bool: False for rows that the tier provably cannot certify, so it need not run for them.
+
+    A necessary condition, never a sufficient one (the tier decides): the chunks whose maximum
+    is ``>= L`` each hold a token ``>= L``, so more of them than slots cannot fit; and a top-p
+    row without top-k, unless min-p proves its cut, needs the tokens ``>= L`` to reach
+    ``top_p * full_mass``, which they cannot when even the whole chunks holding them do not.
+    ``chunk_mass`` ``[N, chunks]`` holds the weights of all tokens (the exp pass of the full
+    mass); the sums round differently from the tier's, hence the slack.
+    """
+    above = rows.layout.chunk_max >= tier.threshold[:, None]
+    fits = jnp.sum(above.astype(jnp.float32), axis=1) <= slots
+    reachable = jnp.sum(jnp.where(above, chunk_mass, 0.0), axis=1) * (1 + 1e-4) >= rows.top_p * full_mass
+    p_only = rows.p_on & ~rows.k_on
+    return fits & (rows.k_on | tier.min_p_proof | (p_only & reachable))
+
+
+def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array,
+                         tier: TierThreshold | None = None) -> Candidates:
+    """A candidate tier: every token at or above a per-row threshold, in vocabulary order.
+
+    ``full_mass`` is ``sum(exp(scaled))`` over the vocabulary, read by rows with top-p and no
+    top-k (ones elsewhere); ``tier`` is :func:`tier_threshold` (computed here when None).
+    Returns candidates with ``slots`` entries: values (``-inf`` after the last one), token ids
+    in increasing order, the kept flags, the top-k/top-p threshold and the certificate (see
+    the module docstring).
+    """
+    layout = rows.layout
+    n = rows.row_max.shape[0]
+    tier = tier_threshold(rows, slots) if tier is None else tier
+    threshold = tier.threshold
+    group_max, per_group = selection.group_max(layout)
+    groups = group_max.shape[1]
+    p_only = rows.p_on & ~rows.k_on
     at_least = lambda v: (v >= threshold.reshape(-1, *(1,) * (v.ndim - 1))) & (v > -jnp.inf)
 
     # Groups holding a token >= L, then their chunks holding one, then the runs of RUN tokens
@@ -255,19 +299,21 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
         at_least(chunk_max).reshape(n, -1), (chunk_ids.reshape(n, -1),), slots, (0,)
     )
     chunk_id = jnp.minimum(chunk_id, layout.chunks - 1)
-    values = open_slot(chunk_count, layout.chunk_values(chunk_id))  # [n, slots, chunk]
     run = selection.RUN if layout.chunk % selection.RUN == 0 else layout.chunk
-    runs = values.reshape(n, -1, run)  # [n, slots * chunk / run, run]
-    run_ids = jnp.broadcast_to(jnp.arange(runs.shape[1], dtype=jnp.int32), runs.shape[:2])
-    (run_id,), run_count = selection.compact(
-        at_least(selection.tree_max(runs)), (run_ids,), slots, (0,)
-    )
-    runs = open_slot(run_count, selection.gather_rows(runs, run_id))  # [n, slots, run]
     per_chunk = layout.chunk // run
-    first_token = (
-        jnp.take_along_axis(chunk_id, run_id // per_chunk, axis=1) * layout.chunk
-        + run_id % per_chunk * run
+    # The run maxima of the chunks collected. The chunks' values feed nothing else (the runs
+    # are read again from the logits below), so XLA fuses their gather into the maxima and
+    # never stores the [n, slots, chunk] array: in the widest tier that would be tens of MB,
+    # page-faulted afresh on every call.
+    run_max = selection.tree_max(
+        open_slot(chunk_count, layout.chunk_values(chunk_id)).reshape(n, slots * per_chunk, run)
     )
+    run_ids = jnp.broadcast_to(jnp.arange(slots * per_chunk, dtype=jnp.int32), run_max.shape)
+    (run_id,), run_count = selection.compact(at_least(run_max), (run_ids,), slots, (0,))
+    global_run = jnp.take_along_axis(chunk_id, run_id // per_chunk, axis=1) * per_chunk + run_id % per_chunk
+    all_runs = layout.x.reshape(n, -1, run)
+    runs = open_slot(run_count, selection.gather_rows(all_runs, global_run).astype(jnp.float32))
+    first_token = global_run * run
     token_ids = first_token[:, :, None] + jnp.arange(run, dtype=jnp.int32)
     (values, indices), count = selection.compact(
         at_least(runs).reshape(n, -1),
@@ -283,11 +329,7 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     keep_kp, weight, mass = rules(rows, values, rule, full_mass)
     taken = selection.tree_sum(jnp.where(values > -jnp.inf, weight, 0.0))
     enough_p = taken >= rows.top_p * full_mass if rule == "inclusive" else taken > rows.top_p * full_mass
-    proof = (
-        (rows.k_on & (count >= rows.top_k))
-        | (p_only & enough_p)
-        | (m_on & (jnp.exp(rows.scaled(threshold)) < rows.min_p))
-    )
+    proof = (rows.k_on & (count >= rows.top_k)) | (p_only & enough_p) | tier.min_p_proof
     return Candidates(
         values=values,
         indices=indices,
@@ -431,10 +473,23 @@ def run_if(any_row: jax.Array, fn, fallback):
     return lax.cond(any_row, lambda _: fn(), lambda _: fallback, None)
 
 
+def tier_slots(count: int, chunks: int) -> tuple[int, ...]:
+    """The slots of each candidate tier: ``count`` times :data:`TIER_WIDTHS`, the wider tiers
+    capped at half the ``chunks`` (or :data:`_WIDEST_TIER_MIN`); a tier no wider than the one
+    before it is dropped."""
+    cap = max(count, chunks // 2, _WIDEST_TIER_MIN)
+    slots: list[int] = []
+    for width in TIER_WIDTHS:
+        size = count if width == 1 else min(width * count, cap)
+        if not slots or size > slots[-1]:
+            slots.append(size)
+    return tuple(slots)
+
+
 class Resolution(NamedTuple):
     """Where each row's answer comes from (see :func:`resolve`)."""
 
-    tiers: tuple[Candidates, ...]  # candidate tiers, ``count * TIER_WIDTHS[i]`` slots each
+    tiers: tuple[Candidates, ...]  # candidate tiers, :func:`tier_slots` slots each
     used: tuple[jax.Array, ...]  # [N] bool per tier: the rows it answers (at most one per row)
     threshold: jax.Array  # [N]: every row's top-k/top-p threshold, LOWEST without filters
     # The sum of the full masses, NaN when any row's logits hold NaN; 0 when no exp pass ran
@@ -465,22 +520,34 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     """
     rows_n = rows.row_max.shape[0]
     filtered = rows.filtered
-    masses = run_if(
-        jnp.any(rows.mass_rows), lambda: full_mass(rows), jnp.zeros((rows_n,))
+    chunk_mass = run_if(
+        jnp.any(rows.mass_rows),
+        lambda: chunk_masses(rows),
+        jnp.zeros(rows.layout.chunk_max.shape, jnp.float32),
     )
+    masses = selection.tree_sum(chunk_mass)
     mass = jnp.where(rows.mass_rows, masses, 1.0)
     tiers, used = [], []
     left = filtered
-    for width in TIER_WIDTHS:
-        slots = width * count
-        tier = run_if(
-            jnp.any(left),
-            lambda slots=slots: threshold_candidates(rows, slots, rule, mass),
-            _no_candidates(rows_n, slots),
+    for slots in tier_slots(count, rows.layout.chunks):
+
+        # A tier runs for the rows left that it could certify; the others go on to the next.
+        def attempt(left=left, slots=slots):
+            cut = tier_threshold(rows, slots)
+            try_here = left & could_certify(rows, cut, slots, chunk_mass, mass)
+            tier = run_if(
+                jnp.any(try_here),
+                lambda: threshold_candidates(rows, slots, rule, mass, cut),
+                _no_candidates(rows_n, slots),
+            )
+            return tier, try_here & tier.certified
+
+        tier, answered = run_if(
+            jnp.any(left), attempt, (_no_candidates(rows_n, slots), jnp.zeros((rows_n,), bool))
         )
         tiers.append(tier)
-        used.append(left & tier.certified)
-        left = left & ~tier.certified
+        used.append(answered)
+        left = left & ~answered
     full = run_if(
         jnp.any(left),
         lambda: full_thresholds(rows, rule, left),

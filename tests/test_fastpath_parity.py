@@ -115,6 +115,9 @@ def tiers_used():
     return {**{f"candidates x{w}": 0 for w in cutoff.TIER_WIDTHS}, "full": 0}
 
 
+# The tier counts accumulate in a fixture, which lives in one process: under pytest-xdist the
+# cases and the check of the counts must run on the same worker (``--dist loadgroup``).
+@pytest.mark.xdist_group("tier_counts")
 @pytest.mark.parametrize("rule, candidates, seed", CASES)
 def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, tiers_used):
     x = _logits(seed)
@@ -140,6 +143,7 @@ def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, tiers_use
     tiers_used["full"] += int((filtered & ~np.asarray(res.in_candidates)).sum())
 
 
+@pytest.mark.xdist_group("tier_counts")
 def test_every_tier_answered_some_rows(tiers_used):
     # Runs after the parametrized cases above (pytest keeps file order).
     assert all(count > 0 for count in tiers_used.values()), tiers_used
