@@ -529,12 +529,23 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     mass = jnp.where(rows.mass_rows, masses, 1.0)
     tiers, used = [], []
     left = filtered
-    for slots in tier_slots(count, rows.layout.chunks):
+    widths = tier_slots(count, rows.layout.chunks)
+    for slots, wider in zip(widths, (*widths[1:], None)):
 
         # A tier runs for the rows left that it could certify; the others go on to the next.
-        def attempt(left=left, slots=slots):
+        def attempt(left=left, slots=slots, wider=wider):
             cut = tier_threshold(rows, slots)
             try_here = left & could_certify(rows, cut, slots, chunk_mass, mass)
+            if wider is not None:
+                # When some row must go on to the next tier anyway and that tier could take
+                # every row this one could, it takes them all: a tier costs about the same for
+                # one row as for the batch.
+                def next_takes_all():
+                    cut = tier_threshold(rows, wider)
+                    return jnp.all(~try_here | could_certify(rows, cut, wider, chunk_mass, mass))
+
+                defer = run_if(jnp.any(left & ~try_here), next_takes_all, jnp.bool_(False))
+                try_here = try_here & ~defer
             tier = run_if(
                 jnp.any(try_here),
                 lambda: threshold_candidates(rows, slots, rule, mass, cut),

@@ -4,9 +4,10 @@ The sampler answers each row from the first tier that can prove its kept set (se
 jsample/cutoff.py): the threshold candidates, the same with 4 and 16 times the slots, and an
 exact bisection over the vocabulary. Whatever the tier, the kept set, the probabilities and the
 inverse-CDF draw must be those of the rules written out naively below. Per-row parameters mix
-every filter in one batch; the logits include ties, clustered (sorted) rows and masked tokens;
-``candidates`` 4 pushes most filtered rows past the first tier and 64 keeps most in it. The test
-checks that each tier really answered some rows.
+every filter in one batch; the logits include ties, clustered (sorted) rows and masked tokens.
+A batch with a row that must go past the first tier sends all its rows on (``candidates`` 4
+pushes many past the second too); a batch of narrow filters with 64 candidates stays in the
+first. The test checks that each tier really answered some rows.
 """
 
 import jax.numpy as jnp
@@ -32,6 +33,23 @@ ROWS = [
     (2.0, 0, 0.0, 0.0),     # top-p 0 keeps the top token(s)
     (0.5, 1, 1.0, 0.0),     # top-k 1
     (1.0, 0, 0.3, 0.5),     # top-p + min-p
+]
+
+# Rows that all fit the first tier with 64 candidates: a batch of them takes no wider tier (a
+# batch in which some row must go wider sends every row there, see cutoff.resolve).
+NARROW = [
+    (0.0, 0, 1.0, 0.0),     # greedy
+    (1.0, 3, 1.0, 0.0),     # small top-k
+    (0.7, 10, 0.9, 0.0),    # top-k + top-p
+    (1.0, 0, 1.0, 0.3),     # min-p
+    (0.9, 20, 0.8, 0.1),    # all three
+    (2.0, 0, 0.0, 0.0),     # top-p 0
+    (0.5, 1, 1.0, 0.0),     # top-k 1
+    (1.0, 0, 0.3, 0.5),     # top-p + min-p
+    (0.6, 8, 1.0, 0.0),
+    (1.0, 4, 0.5, 0.0),
+    (0.8, 2, 1.0, 0.0),
+    (1.2, 30, 1.0, 0.2),
 ]
 
 
@@ -76,8 +94,8 @@ def _logits(seed, vocab=V):
     return x.astype(np.float32)
 
 
-def _params(rule, candidates, shift=0):
-    cols = np.roll(np.array(ROWS, np.float64), shift, axis=0).T
+def _params(rule, candidates, shift=0, mix=ROWS):
+    cols = np.roll(np.array(mix, np.float64), shift, axis=0).T
     return js.SamplingParams(
         temperature=cols[0].astype(np.float32),
         top_k=cols[1].astype(np.int32),
@@ -105,8 +123,10 @@ def _expected_tokens(ref, u):
     return tokens
 
 
-CASES = [(rule, candidates, seed) for rule in ("inclusive", "exclusive")
+CASES = [(rule, candidates, seed, "mixed") for rule in ("inclusive", "exclusive")
          for candidates in (4, 64) for seed in (0, 1)]
+CASES += [(rule, 64, 0, "narrow") for rule in ("inclusive", "exclusive")]
+MIXES = {"mixed": ROWS, "narrow": NARROW}
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +138,10 @@ def tiers_used():
 # The tier counts accumulate in a fixture, which lives in one process: under pytest-xdist the
 # cases and the check of the counts must run on the same worker (``--dist loadgroup``).
 @pytest.mark.xdist_group("tier_counts")
-@pytest.mark.parametrize("rule, candidates, seed", CASES)
-def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, tiers_used):
+@pytest.mark.parametrize("rule, candidates, seed, mix", CASES)
+def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, mix, tiers_used):
     x = _logits(seed)
-    params = _params(rule, candidates, shift=seed)
+    params = _params(rule, candidates, shift=seed, mix=MIXES[mix])
     ref = _reference_rows(x, params)
     probs = np.asarray(js.probs(jnp.asarray(x), params))
     np.testing.assert_allclose(probs, ref, atol=2e-6, rtol=0)
