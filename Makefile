@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/python -m jsample demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests jsample --doctest-modules
+	$(BIN)/python -m pytest -q -n 2 tests jsample --doctest-modules
 
 bench: $(STAMP)
 	$(BIN)/python -m jsample bench

@@ -111,15 +111,16 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
         return selection.map_row_blocks(sanitized, x, u, *params)
     # The whole batch at once, in its own dtype: every pass over the logits is a reduction
     # that reads them in place or runs in row blocks, and the rest works on small arrays.
-    # The sampler runs on the logits as they are and does not wait for the NaN check (a second
-    # pass over them): only the final select does. On NaN or +inf that first answer is garbage
-    # (but finite work) and the sanitising branch replaces it.
+    # The sampler runs on the logits as they are and only the final select waits for the NaN
+    # check. On NaN or +inf that first answer is garbage (but finite work) and the sanitising
+    # branch replaces it.
     layout = make_layout(x, chunk)
     token, logprob, probed, probe = _sample_layout(layout, u, params, rule, count)
     # When the parameters make the sampler read every row through an exp pass, its sums reveal
-    # NaN and no separate pass is made; otherwise the NaN sum starts as soon as the parameters
-    # are known, beside the sampler.
-    nan_sum = lax.cond(probed, lambda: jnp.float32(0.0), lambda: selection.nan_sum(layout).astype(jnp.float32))
+    # NaN; otherwise a plain sum reads the logits a second time to find out.
+    nan_sum = lax.cond(
+        probed, lambda: jnp.float32(0.0), lambda: selection.nan_sum(layout).astype(jnp.float32)
+    )
     clean = selection.below_infinity(layout) & ~jnp.isnan(jnp.where(probed, probe, nan_sum))
     n = u.shape[0]
     fixed = lax.cond(

@@ -129,17 +129,8 @@ CASES += [(rule, 64, 0, "narrow") for rule in ("inclusive", "exclusive")]
 MIXES = {"mixed": ROWS, "narrow": NARROW}
 
 
-@pytest.fixture(scope="module")
-def tiers_used():
-    """Which tier answered each filtered row, over every case: proof the grid reaches them all."""
-    return {**{f"candidates x{w}": 0 for w in cutoff.TIER_WIDTHS}, "full": 0}
-
-
-# The tier counts accumulate in a fixture, which lives in one process: under pytest-xdist the
-# cases and the check of the counts must run on the same worker (``--dist loadgroup``).
-@pytest.mark.xdist_group("tier_counts")
 @pytest.mark.parametrize("rule, candidates, seed, mix", CASES)
-def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, mix, tiers_used):
+def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, mix):
     x = _logits(seed)
     params = _params(rule, candidates, shift=seed, mix=MIXES[mix])
     ref = _reference_rows(x, params)
@@ -153,19 +144,19 @@ def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, mix, tier
         assert expected is None or token == expected
     assert np.all(ref[np.arange(N), tokens] > 0)
 
-    layout = sampling.make_layout(jnp.asarray(x), 64)
-    values = [jnp.asarray(np.asarray(getattr(params, f))) for f in ("temperature", "top_k", "top_p", "min_p")]
-    rows = cutoff.prepare_rows(layout, *values)
-    res = cutoff.resolve(rows, rule, candidates)
-    filtered = np.asarray(rows.filtered)
-    for width, use in zip(cutoff.TIER_WIDTHS, res.used):
-        tiers_used[f"candidates x{width}"] += int(np.asarray(use).sum())
-    tiers_used["full"] += int((filtered & ~np.asarray(res.in_candidates)).sum())
 
-
-@pytest.mark.xdist_group("tier_counts")
-def test_every_tier_answered_some_rows(tiers_used):
-    # Runs after the parametrized cases above (pytest keeps file order).
+def test_every_tier_answered_some_rows():
+    # Which tier answered each filtered row over the cases above: proof that they reach them all.
+    tiers_used = {**{f"candidates x{w}": 0 for w in cutoff.TIER_WIDTHS}, "full": 0}
+    for rule, candidates, seed, mix in CASES:
+        params = _params(rule, candidates, shift=seed, mix=MIXES[mix])
+        layout = sampling.make_layout(jnp.asarray(_logits(seed)), 64)
+        values = [jnp.asarray(np.asarray(getattr(params, f))) for f in ("temperature", "top_k", "top_p", "min_p")]
+        rows = cutoff.prepare_rows(layout, *values)
+        res = cutoff.resolve(rows, rule, candidates)
+        for width, use in zip(cutoff.TIER_WIDTHS, res.used):
+            tiers_used[f"candidates x{width}"] += int(np.asarray(use).sum())
+        tiers_used["full"] += int((np.asarray(rows.filtered) & ~np.asarray(res.in_candidates)).sum())
     assert all(count > 0 for count in tiers_used.values()), tiers_used
 
 
