@@ -537,12 +537,13 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
             cut = tier_threshold(rows, slots)
             try_here = left & could_certify(rows, cut, slots, chunk_mass, mass)
             if wider is not None:
-                # When some row must go on to the next tier anyway and that tier could take
-                # every row this one could, it takes them all: a tier costs about the same for
-                # one row as for the batch.
+                # When the next tier will run anyway, for a row this one cannot take, and it
+                # could take every row this one could, it takes them all: a tier costs about
+                # the same for one row as for the batch.
                 def next_takes_all():
                     cut = tier_threshold(rows, wider)
-                    return jnp.all(~try_here | could_certify(rows, cut, wider, chunk_mass, mass))
+                    there = could_certify(rows, cut, wider, chunk_mass, mass)
+                    return jnp.any(left & ~try_here & there) & jnp.all(~try_here | there)
 
                 defer = run_if(jnp.any(left & ~try_here), next_takes_all, jnp.bool_(False))
                 try_here = try_here & ~defer

@@ -225,3 +225,27 @@ def test_cumulative_mass_exactly_at_top_p(rule):
     probs = np.asarray(js.probs(jnp.asarray(x), js.SamplingParams(top_p=top_p, top_p_rule=rule)))
     assert np.array_equal(probs > 0, expected > 0)
     np.testing.assert_allclose(probs, expected, atol=1e-7, rtol=0)
+
+
+def test_a_row_past_every_tier_does_not_move_the_others():
+    # A tier hands its rows to the next only when that one runs anyway for some row. A row that
+    # no tier can take (top_k 1000: more chunks hold a token above its threshold than the
+    # widest tier has slots) goes straight to the bisection, and every other row is answered by
+    # the tier it takes without that row. 512 chunks, so the chunk count can rule tiers out.
+    rng = np.random.default_rng(3)
+    wide_logits = (rng.normal(0.0, 1.0, (N, 512 * 64)) * rng.uniform(2.0, 4.0, (N, 1))).astype(np.float32)
+
+    def tiers_of(mix):
+        params = _params("inclusive", 64, mix=mix)
+        layout = sampling.make_layout(jnp.asarray(wide_logits), 64)
+        values = [jnp.asarray(np.asarray(getattr(params, f))) for f in ("temperature", "top_k", "top_p", "min_p")]
+        res = cutoff.resolve(cutoff.prepare_rows(layout, *values), "inclusive", 64)
+        return np.stack([np.asarray(u) for u in res.used]), np.asarray(res.in_candidates)
+
+    with_wide = list(NARROW)
+    with_wide[1] = (1.0, 1000, 1.0, 0.0)
+    narrow_tiers, _ = tiers_of(NARROW)
+    tiers, in_candidates = tiers_of(with_wide)
+    others = np.arange(N) != 1
+    assert narrow_tiers[0].sum() > 0 and np.array_equal(tiers[:, others], narrow_tiers[:, others])
+    assert not in_candidates[1]
