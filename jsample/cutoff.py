@@ -530,12 +530,16 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     tiers, used = [], []
     left = filtered
     widths = tier_slots(count, rows.layout.chunks)
+    no_cut = TierThreshold(jnp.zeros((rows_n,), jnp.float32), jnp.zeros((rows_n,), bool))
+    # A tier's threshold, when the tier before it already found it (deciding to defer).
+    found, have = no_cut, jnp.bool_(False)
     for slots, wider in zip(widths, (*widths[1:], None)):
 
         # A tier runs for the rows left that it could certify; the others go on to the next.
-        def attempt(left=left, slots=slots, wider=wider):
-            cut = tier_threshold(rows, slots)
+        def attempt(left=left, slots=slots, wider=wider, found=found, have=have):
+            cut = lax.cond(have, lambda: found, lambda: tier_threshold(rows, slots))
             try_here = left & could_certify(rows, cut, slots, chunk_mass, mass)
+            next_cut, next_have = no_cut, jnp.bool_(False)
             if wider is not None:
                 # When the next tier will run anyway, for a row this one cannot take, and it
                 # could take every row this one could, it takes them all: a tier costs about
@@ -543,19 +547,23 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
                 def next_takes_all():
                     cut = tier_threshold(rows, wider)
                     there = could_certify(rows, cut, wider, chunk_mass, mass)
-                    return jnp.any(left & ~try_here & there) & jnp.all(~try_here | there)
+                    defer = jnp.any(left & ~try_here & there) & jnp.all(~try_here | there)
+                    return defer, cut
 
-                defer = run_if(jnp.any(left & ~try_here), next_takes_all, jnp.bool_(False))
+                next_have = jnp.any(left & ~try_here)
+                defer, next_cut = run_if(next_have, next_takes_all, (jnp.bool_(False), no_cut))
                 try_here = try_here & ~defer
             tier = run_if(
                 jnp.any(try_here),
                 lambda: threshold_candidates(rows, slots, rule, mass, cut),
                 _no_candidates(rows_n, slots),
             )
-            return tier, try_here & tier.certified
+            return tier, try_here & tier.certified, next_cut, next_have
 
-        tier, answered = run_if(
-            jnp.any(left), attempt, (_no_candidates(rows_n, slots), jnp.zeros((rows_n,), bool))
+        tier, answered, found, have = run_if(
+            jnp.any(left),
+            attempt,
+            (_no_candidates(rows_n, slots), jnp.zeros((rows_n,), bool), no_cut, jnp.bool_(False)),
         )
         tiers.append(tier)
         used.append(answered)
