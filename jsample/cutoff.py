@@ -22,7 +22,8 @@ Each row takes the first of three tiers that can prove its answer; all evaluate 
    min-p: ``L`` itself fails the min-p test).
 2. The same with 4 and then 16 times the slots (:data:`TIER_WIDTHS`, the widest at most half
    the chunks: :func:`tier_slots`), for rows whose kept set is wider; each tier runs only for
-   the rows that need it and that it could certify (:func:`could_certify`).
+   the rows that need it and that it could certify (:func:`could_certify`), and hands them all
+   to the next tier when that one runs anyway and could take them (see :func:`resolve`).
 3. :func:`full_thresholds`: an exact bisection over the whole vocabulary.
 
 :func:`candidate_cutoff` (the ``lax.top_k`` candidate tier) serves the sharded sampler.
