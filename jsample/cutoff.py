@@ -517,7 +517,8 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     """Per-row cutoffs, each row from the first tier that certifies it.
 
     Rows that are greedy, invalid or unfiltered get threshold ``LOWEST`` and no tier. Every
-    tier runs only when some row needs it, so a batch pays for the tiers its rows take.
+    tier runs only when some row needs it, so a batch pays for the tiers its rows take; a tier
+    whose rows the next tier could all take, when that one runs anyway, leaves them to it.
     """
     rows_n = rows.row_max.shape[0]
     filtered = rows.filtered
