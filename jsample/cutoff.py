@@ -105,13 +105,18 @@ class Rows(NamedTuple):
         return jnp.where(dropped, 0.0, weight)
 
     @property
+    def p_only(self) -> jax.Array:
+        """Rows with top-p and no top-k: their top-p reads the mass of the whole vocabulary."""
+        return self.p_on & ~self.k_on
+
+    @property
     def mass_rows(self) -> jax.Array:
-        """Rows whose top-p needs the mass of the whole vocabulary: top-p without top-k.
+        """Rows whose top-p needs the mass of the whole vocabulary (:attr:`p_only`, not greedy).
 
         Decided by the parameters alone (invalid rows included), so that the exp pass that
         computes the mass runs whenever the parameters ask for it.
         """
-        return self.p_on & ~self.k_on & ~self.greedy
+        return self.p_only & ~self.greedy
 
     @property
     def unfiltered(self) -> jax.Array:
@@ -222,7 +227,7 @@ def tier_threshold(rows: Rows, slots: int) -> TierThreshold:
     layout = rows.layout
     group_max, _ = selection.group_max(layout)
     groups = group_max.shape[1]
-    p_only = rows.p_on & ~rows.k_on
+    p_only = rows.p_only
     if groups >= max(_SEARCH_ENTRIES, 2 * slots):
         maxima = group_max
     elif layout.chunks >= _SEARCH_ENTRIES or layout.chunks * layout.chunk > 4 * _SEARCH_ENTRIES:
@@ -262,27 +267,25 @@ def could_certify(rows: Rows, tier: TierThreshold, slots: int, chunk_mass: jax.A
     above = rows.layout.chunk_max >= tier.threshold[:, None]
     fits = jnp.sum(above.astype(jnp.float32), axis=1) <= slots
     reachable = jnp.sum(jnp.where(above, chunk_mass, 0.0), axis=1) * (1 + 1e-4) >= rows.top_p * full_mass
-    p_only = rows.p_on & ~rows.k_on
-    return fits & (rows.k_on | tier.min_p_proof | (p_only & reachable))
+    return fits & (rows.k_on | tier.min_p_proof | (rows.p_only & reachable))
 
 
 def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array,
-                         tier: TierThreshold | None = None) -> Candidates:
+                         tier: TierThreshold) -> Candidates:
     """A candidate tier: every token at or above a per-row threshold, in vocabulary order.
 
     ``full_mass`` is ``sum(exp(scaled))`` over the vocabulary, read by rows with top-p and no
-    top-k (ones elsewhere); ``tier`` is :func:`tier_threshold` (computed here when None).
+    top-k (ones elsewhere); ``tier`` is :func:`tier_threshold` for ``slots``.
     Returns candidates with ``slots`` entries: values (``-inf`` after the last one), token ids
     in increasing order, the kept flags, the top-k/top-p threshold and the certificate (see
     the module docstring).
     """
     layout = rows.layout
     n = rows.row_max.shape[0]
-    tier = tier_threshold(rows, slots) if tier is None else tier
     threshold = tier.threshold
     group_max, per_group = selection.group_max(layout)
     groups = group_max.shape[1]
-    p_only = rows.p_on & ~rows.k_on
+    p_only = rows.p_only
     at_least = lambda v: (v >= threshold.reshape(-1, *(1,) * (v.ndim - 1))) & (v > -jnp.inf)
 
     # Groups holding a token >= L, then their chunks holding one, then the runs of RUN tokens
@@ -522,12 +525,15 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     """
     rows_n = rows.row_max.shape[0]
     filtered = rows.filtered
-    chunk_mass = run_if(
+    def mass_pass():
+        chunk_mass = chunk_masses(rows)
+        return chunk_mass, selection.tree_sum(chunk_mass)
+
+    chunk_mass, masses = run_if(
         jnp.any(rows.mass_rows),
-        lambda: chunk_masses(rows),
-        jnp.zeros(rows.layout.chunk_max.shape, jnp.float32),
+        mass_pass,
+        (jnp.zeros(rows.layout.chunk_max.shape, jnp.float32), jnp.zeros((rows_n,), jnp.float32)),
     )
-    masses = selection.tree_sum(chunk_mass)
     mass = jnp.where(rows.mass_rows, masses, 1.0)
     tiers, used = [], []
     left = filtered
