@@ -30,9 +30,9 @@ def pick(weights: jax.Array, target: jax.Array, cum: jax.Array | None = None) ->
     # makes one by rounding: its in-chunk target ``target - before`` can come out slightly negative.
     target = jnp.where(target > 0, target, 0.0)
     cum = jnp.cumsum(weights, axis=-1) if cum is None else cum
-    position = jnp.sum(cum <= target[:, None], axis=-1)
-    slots = jnp.arange(weights.shape[-1], dtype=jnp.int32)
-    last_positive = jnp.max(jnp.where(weights > 0, slots, 0), axis=-1)
+    slots = jnp.arange(weights.shape[-1], dtype=jnp.float32)
+    position = selection.tree_sum((cum <= target[:, None]).astype(jnp.float32))
+    last_positive = selection.tree_max(jnp.where(weights > 0, slots, 0.0))
     return jnp.minimum(position, last_positive).astype(jnp.int32), cum
 
 

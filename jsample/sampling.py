@@ -54,11 +54,13 @@ def _rows(layout, temperature, top_k, top_p, min_p) -> cutoff.Rows:
 
 
 def _sample_layout(layout, u, params, rule, count):
-    """Tokens and logprobs of every row, and a NaN probe: ``(token, logprob, probed, probe)``.
+    """Tokens and logprobs of every row, and what they say of the logits:
+    ``(token, logprob, below_infinity, probed, probe)``.
 
-    When ``probed`` (decided by the parameters alone, see :attr:`cutoff.Rows.mass_rows` and
-    :attr:`cutoff.Rows.unfiltered`), an exp pass read every row of the logits and ``probe`` is
-    NaN exactly when one holds NaN: the caller needs no pass of its own to find out.
+    ``below_infinity``: no row maximum is ``+inf``. When ``probed`` (decided by the parameters
+    alone, see :attr:`cutoff.Rows.mass_rows` and :attr:`cutoff.Rows.unfiltered`), an exp pass
+    read every row of the logits and ``probe`` is NaN exactly when one holds NaN: the caller
+    needs no pass of its own to find out.
     """
     rows = _rows(layout, *params)
     n = u.shape[0]
@@ -92,7 +94,10 @@ def _sample_layout(layout, u, params, rule, count):
     # Greedy rows drew their token with probability 1; rows without a finite logit are flagged.
     logprob = jnp.where(rows.greedy, 0.0, logprob)
     logprob = jnp.where(rows.valid, logprob, -jnp.inf)
-    return token, logprob, probed, probe
+    # From the row maxima (a [rows] array): the same test on the chunk maxima is one more
+    # reduction of [rows, chunks], which XLA:CPU hands to YNNPACK at a dispatch cost.
+    below_infinity = jnp.all(rows.row_max < jnp.inf)
+    return token, logprob, below_infinity, probed, probe
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "count"))
@@ -115,13 +120,13 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
     # check. On NaN or +inf that first answer is garbage (but finite work) and the sanitising
     # branch replaces it.
     layout = make_layout(x, chunk)
-    token, logprob, probed, probe = _sample_layout(layout, u, params, rule, count)
+    token, logprob, below_infinity, probed, probe = _sample_layout(layout, u, params, rule, count)
     # When the parameters make the sampler read every row through an exp pass, its sums reveal
     # NaN; otherwise a plain sum reads the logits a second time to find out.
     nan_sum = lax.cond(
         probed, lambda: jnp.float32(0.0), lambda: selection.nan_sum(layout).astype(jnp.float32)
     )
-    clean = selection.below_infinity(layout) & ~jnp.isnan(jnp.where(probed, probe, nan_sum))
+    clean = below_infinity & ~jnp.isnan(jnp.where(probed, probe, nan_sum))
     n = u.shape[0]
     fixed = lax.cond(
         clean,
