@@ -118,7 +118,9 @@ def _tree_reduce(a: jax.Array, op, identity: float) -> jax.Array:
     while a.shape[-1] > 1:
         half = a.shape[-1] // 2
         a = op(a[..., :half], a[..., half:])
-    return a[..., 0]
+    # Materialised: XLA:CPU would otherwise fuse the tree into each consumer and recompute it for
+    # every element the consumer writes.
+    return materialize(a[..., 0])
 
 
 def tree_max(a: jax.Array) -> jax.Array:
@@ -270,9 +272,12 @@ def materialize(v: jax.Array) -> jax.Array:
     XLA's CPU fusion copies chains of cheap per-row operations into every consumer, so a
     threshold computed in twenty steps is recomputed for each element of each ``[rows, ...]``
     array compared with it. A reduction is never fused into its consumers: adding zeros through
-    one stops that.
+    one stops that. The zeros are added to the bit pattern (an integer sum, exact), because
+    XLA:CPU hands float reductions of 4096 elements or more to YNNPACK, at a dispatch cost.
     """
-    return jnp.sum(jnp.stack([v, jnp.zeros_like(v)]), axis=0)
+    bits = lax.bitcast_convert_type(v, jnp.int32) if v.dtype == jnp.float32 else v
+    kept = jnp.sum(jnp.stack([bits, jnp.zeros_like(bits)]), axis=0, dtype=bits.dtype)
+    return lax.bitcast_convert_type(kept, jnp.float32) if v.dtype == jnp.float32 else kept
 
 
 def upper_triangle(n: int, strict: bool = False) -> jax.Array:
