@@ -131,7 +131,7 @@ def prepare_rows(layout: Layout, temperature, top_k, top_p, min_p) -> Rows:
     """``layout``: sanitised logits; parameters: sanitised ``[N]``."""
     # The barrier keeps XLA from merging this reduction with the one that made chunk_max into a
     # second reduction over the logits.
-    row_max = selection.tree_max(lax.optimization_barrier(layout.chunk_max))
+    row_max = lax.optimization_barrier(layout.chunk_max).max(axis=-1)
     valid = row_max > -jnp.inf
     # Each parameter is computed once into its own buffer, and the flags from those buffers:
     # XLA would otherwise copy the chains that sanitised them into every consumer.
@@ -236,7 +236,7 @@ def tier_threshold(rows: Rows, slots: int) -> TierThreshold:
         maxima = layout.x.astype(jnp.float32)
     finite = maxima > -jnp.inf
     target = jnp.where(p_only, 0.5 * slots, rows.top_k.astype(jnp.float32))
-    lowest = selection.tree_min(jnp.where(finite, maxima, rows.row_max[:, None]))
+    lowest = jnp.min(jnp.where(finite, maxima, rows.row_max[:, None]), axis=1)
     span = jnp.minimum(rows.row_max - lowest, SEARCH_SPAN * jnp.maximum(rows.temperature, 1.0))
     searched = selection.bisect_threshold(maxima, jnp.ones_like(maxima), target, rows.row_max, span)
     threshold = jnp.where(rows.k_on | p_only, searched, -jnp.inf)
@@ -265,8 +265,8 @@ def could_certify(rows: Rows, tier: TierThreshold, slots: int, chunk_mass: jax.A
     mass); the sums round differently from the tier's, hence the slack.
     """
     above = rows.layout.chunk_max >= tier.threshold[:, None]
-    fits = selection.tree_sum(above.astype(jnp.float32)) <= slots
-    reachable = selection.tree_sum(jnp.where(above, chunk_mass, 0.0)) * (1 + 1e-4) >= rows.top_p * full_mass
+    fits = jnp.sum(above.astype(jnp.float32), axis=1) <= slots
+    reachable = jnp.sum(jnp.where(above, chunk_mass, 0.0), axis=1) * (1 + 1e-4) >= rows.top_p * full_mass
     return fits & (rows.k_on | tier.min_p_proof | (rows.p_only & reachable))
 
 
@@ -382,7 +382,9 @@ def _apply_rules(rows: Rows, values: jax.Array, rule: str, full_mass: jax.Array)
     weight = jnp.exp(rows.scaled(values))
     present = values > -jnp.inf
     larger = jnp.where(values[:, None, :] > values[:, :, None], 1.0, 0.0)  # [n, i, j]: v_j > v_i
-    rank = selection.tree_sum(larger)
+    # Materialised: XLA would otherwise fuse the tree's last levels into the [n, i, j] product
+    # below and recompute them for each of its elements.
+    rank = selection.materialize(selection.tree_sum(larger))
     keep_k = (~rows.k_on[:, None] | (rank < rows.top_k[:, None])) & present
     kept_weight = jnp.where(keep_k, weight, 0.0)
     # Masses in a fixed order (a matrix product may round differently with the batch size).

@@ -118,17 +118,15 @@ def _tree_reduce(a: jax.Array, op, identity: float) -> jax.Array:
     while a.shape[-1] > 1:
         half = a.shape[-1] // 2
         a = op(a[..., :half], a[..., half:])
-    # Materialised: XLA:CPU would otherwise fuse the tree into each consumer and recompute it for
-    # every element the consumer writes.
-    return materialize(a[..., 0])
+    return a[..., 0]
 
 
 def tree_max(a: jax.Array) -> jax.Array:
     """Max over the last axis by pairwise halving (elementwise ops, no reduction).
 
-    For the small arrays after the pass over the logits: XLA:CPU hands every reduction of 4096
-    elements or more to YNNPACK, whose dispatch costs far more than such a reduction's work (a
-    sampler with a dozen of them ran about 1 ms slower at 64 x 128256).
+    For the narrow arrays after the pass over the logits (candidate slots, groups of chunks):
+    XLA:CPU hands every reduction of 4096 elements or more to YNNPACK, whose dispatch costs more
+    than such a reduction's work. Wide rows (all the chunks) reduce faster with YNNPACK.
     """
     return _tree_reduce(a, jnp.maximum, -jnp.inf)
 
@@ -347,7 +345,7 @@ def bisect_threshold(
     the exact answer. Returns ``upper - span`` when even that misses the target; the caller
     checks what it needs of the result.
     """
-    reaches = lambda t: tree_sum(jnp.where(values >= t[:, None], weights, 0.0)) >= target
+    reaches = lambda t: jnp.sum(jnp.where(values >= t[:, None], weights, 0.0), axis=-1) >= target
 
     def step(_, bounds):
         lo, hi = bounds
