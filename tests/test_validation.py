@@ -289,6 +289,15 @@ class TestCheckedMode:
         with validation.CHECKED_MODE(True):  # what js.checked traces: the checks are there
             assert jax.make_jaxpr(program)(*args).effects
 
+    def test_a_second_copy_of_jsample_shares_the_state(self):
+        # A second copy (vendored, or loaded under another name) cannot register the state's name
+        # again; without the first copy's state it would trace its checks on every call.
+        assert validation.CHECKED_MODE is not None
+        assert validation._checked_mode_state() is validation.CHECKED_MODE
+        assert not validation.checks_enabled()
+        with validation.CHECKED_MODE(True):
+            assert validation.checks_enabled()
+
     def test_a_function_jitted_and_run_plainly_first_is_still_checked(self):
         # Checked mode is part of JAX's trace cache key, so checkify never reuses the plain trace.
         step = jax.jit(lambda keys, logits, t: js.sample(keys, logits, js.SamplingParams(temperature=t)))
