@@ -53,7 +53,7 @@ class SamplingParams:
       candidates: static, a speed knob that never changes results: the slots of the first
         candidate tier (the tokens at or above a per-row threshold). A row whose kept set does
         not fit takes a tier with 4x, then 16x the slots (at most half the vocabulary's chunks
-        of 64 tokens), then an exact full-vocabulary path.
+        of 64 tokens, or 256), then an exact full-vocabulary path.
         Make it at least the largest ``top_k`` you use (a static bound on per-row ``k``), and
         raise it when most rows keep more tokens than this.
 

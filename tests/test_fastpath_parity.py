@@ -106,8 +106,20 @@ def _params(rule, candidates, shift=0, mix=ROWS):
     )
 
 
+def _columns(params):
+    """The four per-row parameter arrays of ``params``, as numpy."""
+    return [np.asarray(getattr(params, f)) for f in ("temperature", "top_k", "top_p", "min_p")]
+
+
+def _resolution(x, params, rule, candidates):
+    """``(rows, resolution)``: where the sampler answers each row of ``x`` (see cutoff.resolve)."""
+    layout = sampling.make_layout(jnp.asarray(x), 64)
+    rows = cutoff.prepare_rows(layout, *map(jnp.asarray, _columns(params)))
+    return rows, cutoff.resolve(rows, rule, candidates)
+
+
 def _reference_rows(x, params):
-    cols = [np.asarray(getattr(params, f)) for f in ("temperature", "top_k", "top_p", "min_p")]
+    cols = _columns(params)
     return np.stack([reference(x[i], *(c[i] for c in cols), params.top_p_rule) for i in range(N)])
 
 
@@ -150,10 +162,7 @@ def test_every_tier_answered_some_rows():
     tiers_used = {**{f"candidates x{w}": 0 for w in cutoff.TIER_WIDTHS}, "full": 0}
     for rule, candidates, seed, mix in CASES:
         params = _params(rule, candidates, shift=seed, mix=MIXES[mix])
-        layout = sampling.make_layout(jnp.asarray(_logits(seed)), 64)
-        values = [jnp.asarray(np.asarray(getattr(params, f))) for f in ("temperature", "top_k", "top_p", "min_p")]
-        rows = cutoff.prepare_rows(layout, *values)
-        res = cutoff.resolve(rows, rule, candidates)
+        rows, res = _resolution(_logits(seed), params, rule, candidates)
         for width, use in zip(cutoff.TIER_WIDTHS, res.used):
             tiers_used[f"candidates x{width}"] += int(np.asarray(use).sum())
         tiers_used["full"] += int((np.asarray(rows.filtered) & ~np.asarray(res.in_candidates)).sum())
@@ -192,13 +201,12 @@ def test_first_tier_cutoffs_over_many_rows(rule):
         min_p=np.zeros(rows, np.float32),
         top_p_rule=rule,
     )
-    cols = [np.asarray(getattr(params, f)) for f in ("temperature", "top_k", "top_p", "min_p")]
+    cols = _columns(params)
     ref = np.stack([reference(x[i], *(c[i] for c in cols), rule) for i in range(rows)])
     probs = np.asarray(js.probs(jnp.asarray(x), params))
     assert np.array_equal(probs > 0, ref > 0)
     np.testing.assert_allclose(probs, ref, atol=2e-6, rtol=0)
-    layout = sampling.make_layout(jnp.asarray(x), 64)
-    res = cutoff.resolve(cutoff.prepare_rows(layout, *map(jnp.asarray, cols)), rule, 64)
+    _, res = _resolution(x, params, rule, 64)
     assert np.asarray(res.used[0]).mean() > 0.75  # the first tier answered most of them
 
 
@@ -236,10 +244,7 @@ def test_a_row_past_every_tier_does_not_move_the_others():
     wide_logits = (rng.normal(0.0, 1.0, (N, 512 * 64)) * rng.uniform(2.0, 4.0, (N, 1))).astype(np.float32)
 
     def tiers_of(mix):
-        params = _params("inclusive", 64, mix=mix)
-        layout = sampling.make_layout(jnp.asarray(wide_logits), 64)
-        values = [jnp.asarray(np.asarray(getattr(params, f))) for f in ("temperature", "top_k", "top_p", "min_p")]
-        res = cutoff.resolve(cutoff.prepare_rows(layout, *values), "inclusive", 64)
+        _, res = _resolution(wide_logits, _params("inclusive", 64, mix=mix), "inclusive", 64)
         return np.stack([np.asarray(u) for u in res.used]), np.asarray(res.in_candidates)
 
     with_wide = list(NARROW)
