@@ -54,6 +54,9 @@ TIER_WIDTHS = (1, 4, 16)
 _WIDEST_TIER_MIN = 256
 # Up to this many candidate slots the rules run as pairwise comparisons.
 _PAIRWISE_SLOTS = 128
+# The largest gather of a tier's chunks that is stored before its run maxima are taken (see
+# threshold_candidates).
+STORED_GATHER_BYTES = selection.BLOCK_BYTES
 # The threshold search counts on at least this many maxima per row when the row has them.
 _SEARCH_ENTRIES = 256
 
@@ -308,9 +311,9 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     # The run maxima of the chunks collected. Fused into the maxima, the gather runs once per
     # run and token (~3x slower than gathering whole chunks into a buffer first); stored, the
     # [n, slots, chunk] array of the widest tier would be tens of MB, page-faulted afresh on
-    # every call. So the chunks are gathered into a buffer only up to BLOCK_BYTES.
+    # every call. So the chunks are gathered into a buffer only up to STORED_GATHER_BYTES.
     chunk_values = layout.chunk_values(chunk_id)
-    if chunk_values.size * 4 <= selection.BLOCK_BYTES:
+    if chunk_values.size * 4 <= STORED_GATHER_BYTES:
         chunk_values = selection.materialize(chunk_values)
     run_max = selection.tree_max(
         open_slot(chunk_count, chunk_values).reshape(n, slots * per_chunk, run)

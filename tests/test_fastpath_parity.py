@@ -10,6 +10,7 @@ pushes many past the second too); a batch of narrow filters with 64 candidates s
 first. The test checks that each tier really answered some rows.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -254,3 +255,18 @@ def test_a_row_past_every_tier_does_not_move_the_others():
     others = np.arange(N) != 1
     assert narrow_tiers[0].sum() > 0 and np.array_equal(tiers[:, others], narrow_tiers[:, others])
     assert not in_candidates[1]
+
+
+@pytest.mark.parametrize("rule", ["inclusive", "exclusive"])
+def test_stored_and_fused_chunk_gathers_give_the_same_candidates(rule, monkeypatch):
+    # A tier gathers its chunks into a buffer when that stays within STORED_GATHER_BYTES, and
+    # fuses the gather into the run maxima beyond (wide tiers of large batches). Forcing the
+    # fused path on the small cases here must change nothing, in any tier.
+    x, params = _logits(0), _params(rule, 4)
+    _, stored = _resolution(x, params, rule, 4)
+    monkeypatch.setattr(cutoff, "STORED_GATHER_BYTES", 0)
+    _, fused = _resolution(x, params, rule, 4)
+    assert sum(int(np.asarray(u).sum()) for u in stored.used) > 0
+    for a, b in zip(jax.tree.leaves((stored.tiers, stored.used, stored.threshold)),
+                    jax.tree.leaves((fused.tiers, fused.used, fused.threshold))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
