@@ -313,7 +313,7 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     # [n, slots, chunk] array of the widest tier would be tens of MB, page-faulted afresh on
     # every call. So the chunks are gathered into a buffer only up to STORED_GATHER_BYTES.
     chunk_values = layout.chunk_values(chunk_id)
-    if chunk_values.size * 4 <= STORED_GATHER_BYTES:
+    if chunk_values.size * chunk_values.dtype.itemsize <= STORED_GATHER_BYTES:
         chunk_values = selection.materialize(chunk_values)
     run_max = selection.tree_max(
         open_slot(chunk_count, chunk_values).reshape(n, slots * per_chunk, run)
