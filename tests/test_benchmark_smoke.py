@@ -39,3 +39,13 @@ def test_per_row_parameters_spread_around_the_configuration():
     off = benchmark.per_row_params(benchmark.Config("greedy", temperature=0.0), 8, 64)
     assert np.all(np.asarray(off.temperature) == 0) and np.all(np.asarray(off.top_k) == 0)
     assert np.all(np.asarray(off.top_p) == 1) and np.all(np.asarray(off.min_p) == 0)
+
+
+def test_a_slow_compile_does_not_cut_the_rounds():
+    # The round budget goes by a compiled call: jsample compiles for about a second and then
+    # runs in microseconds at this size, so it gets every round (it got 3 when the first call,
+    # compilation included, set the budget).
+    cfg = next(c for c in benchmark.CONFIGS if c.name == "top-k 50 + top-p 0.9")
+    times = benchmark.time_cell(cfg, 4, 4096, "f32", "peaked", impls=["floor", "jsample"], reps=4,
+                                budget_s=0.5)
+    assert times["jsample"]["runs"] == 4 and times["floor"]["runs"] == 4
