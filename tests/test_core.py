@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jsample as js
+from jsample import selection
 
 B, V = 6, 257  # one shape shared by most tests, so each program compiles once
 
@@ -237,6 +238,38 @@ class TestTransformations:
         tokens = js.sample(jax.random.key(0), low, self.params)
         assert np.array_equal(tokens, js.sample(jax.random.key(0), low.astype(jnp.float32), self.params))
 
+
+
+class TestBfloat16RowBlocks:
+    """bfloat16 logits cross the row-block loops as integer bits and are converted block by
+    block (jsample.selection.map_row_blocks); a small block size sends these through several."""
+
+    SHAPE = (6, 448)  # a shape no other test compiles: the patched block size applies
+
+    def test_blocks_arrive_as_float32(self, monkeypatch):
+        monkeypatch.setattr(selection, "BLOCK_BYTES", 2 * 4 * 448)
+        x = _logits(5, shape=self.SHAPE).astype(jnp.bfloat16)
+        out = jax.jit(lambda x: selection.map_row_blocks(
+            lambda xb: (xb, jnp.full(xb.shape[:1], xb.dtype == jnp.float32)), x))(x)
+        assert selection.block_rows(*self.SHAPE) == 2  # three blocks
+        assert out[0].dtype == jnp.float32 and bool(jnp.all(out[1]))
+        assert np.array_equal(out[0], x.astype(jnp.float32))
+
+    @pytest.mark.parametrize("nan", [False, True], ids=["clean", "nan row"])
+    def test_tokens_and_probs_match_float32(self, monkeypatch, nan):
+        # Without NaN the exp passes run in row blocks; a NaN row sends the whole batch down the
+        # sanitising path, also in row blocks.
+        monkeypatch.setattr(selection, "BLOCK_BYTES", 2 * 4 * 448)
+        x = _logits(6, scale=3.0, shape=self.SHAPE).astype(jnp.bfloat16)
+        if nan:
+            x = x.at[1, 7].set(jnp.nan)
+        key = jax.random.key(2)
+        for params in (js.SamplingParams(temperature=0.8), js.SamplingParams(top_p=0.9),
+                       js.SamplingParams(top_k=5, min_p=0.1, temperature=1.3)):
+            low = js.sample(key, x, params, return_logprobs=True)
+            high = js.sample(key, x.astype(jnp.float32), params, return_logprobs=True)
+            assert np.array_equal(low[0], high[0]) and np.array_equal(low[1], high[1])
+            assert np.array_equal(js.probs(x, params), js.probs(x.astype(jnp.float32), params))
 
 class TestProcessors:
     def test_processors_compose_into_the_default_order(self):
