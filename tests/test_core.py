@@ -239,7 +239,6 @@ class TestTransformations:
         assert np.array_equal(tokens, js.sample(jax.random.key(0), low.astype(jnp.float32), self.params))
 
 
-
 class TestBfloat16RowBlocks:
     """bfloat16 logits cross the row-block loops as integer bits and are converted block by
     block (jsample.selection.map_row_blocks); a small block size sends these through several."""
@@ -270,6 +269,7 @@ class TestBfloat16RowBlocks:
             high = js.sample(key, x.astype(jnp.float32), params, return_logprobs=True)
             assert np.array_equal(low[0], high[0]) and np.array_equal(low[1], high[1])
             assert np.array_equal(js.probs(x, params), js.probs(x.astype(jnp.float32), params))
+
 
 class TestProcessors:
     def test_processors_compose_into_the_default_order(self):
