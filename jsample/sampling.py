@@ -25,6 +25,7 @@ from jsample.selection import is_clean, make_layout, sanitize_logits
 def _prepare(fn: str, logits: Any, params: SamplingParams):
     """Checks inputs; returns ``(x [N, V], [t, k, p, min_p] each [N], batch_shape)``."""
     logits = validation.check_logits(logits, fn)
+    validation.check_not_explicitly_sharded(logits, fn)
     validation.check_params(params)
     batch_shape = tuple(logits.shape[:-1])
     values = [

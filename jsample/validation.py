@@ -220,6 +220,31 @@ def check_logits(logits: Any, fn: str) -> jax.Array:
     return jnp.asarray(logits)
 
 
+def check_not_explicitly_sharded(logits: jax.Array, fn: str) -> None:
+    """Raises when ``logits`` are sharded over mesh axes of type Explicit.
+
+    The single-device sampler reshapes and gathers along both axes, which JAX's explicit
+    sharding rejects deep inside with a ``ShardingTypeError``; this names the way out instead.
+    """
+    sharding = getattr(jax.typeof(logits), "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or spec is None:
+        return
+    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                if kind == jax.sharding.AxisType.Explicit}
+    used = [name for entry in spec if entry is not None
+            for name in (entry if isinstance(entry, tuple) else (entry,))]
+    names = [name for name in used if name in explicit]
+    if names:
+        raise ValueError(
+            f"{fn}: the logits are sharded over the explicit mesh axes {names} (spec {spec}). "
+            "To sample them where they lie, call jsample.sample_sharded(key, logits, params, "
+            "mesh=mesh, batch_axis=..., vocab_axis=...), which draws the tokens jsample.sample "
+            "would; or replicate them first: jax.sharding.reshard(logits, "
+            "jax.sharding.PartitionSpec())."
+        )
+
+
 def broadcast_param(name: str, value: Any, batch_shape: tuple[int, ...], dtype: type) -> jax.Array:
     """Broadcasts one parameter to ``batch_shape``; the error names the field and both shapes."""
     shape = tuple(np.shape(value))

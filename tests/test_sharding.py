@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jsample as js
@@ -116,6 +116,23 @@ def test_one_key_per_row():
         keys = jax.random.split(jax.random.key(100 + i), B)
         _assert_same(keys, _family(name, seed=i), params, mesh)
 
+
+
+def test_sample_names_the_ways_out_for_explicitly_sharded_logits():
+    # jsample.sample reshapes and gathers along both axes, which explicit sharding rejects deep
+    # inside; it says what to do instead, and both ways out draw its tokens.
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    x = _family("normal", seed=0)
+    placed = _place(x, mesh)
+    params, key = _params(), jax.random.key(5)
+    for call in (lambda v: js.sample(key, v, params), lambda v: js.probs(v, params),
+                 jax.jit(lambda v: js.sample(key, v, params))):
+        with pytest.raises(ValueError, match=r"explicit mesh axes \['data', 'model'\].*sample_sharded"):
+            call(placed)
+    want = js.sample(key, x, params)
+    np.testing.assert_array_equal(js.sample_sharded(key, placed, params, mesh=mesh), want)
+    replicated = jax.sharding.reshard(placed, NamedSharding(mesh, P()))
+    np.testing.assert_array_equal(js.sample(key, replicated, params), want)
 
 def test_blocks_that_split_chunks():
     # 4000 tokens over 4 shards: 1000 per shard is not a multiple of the draw's 32-token
