@@ -58,12 +58,6 @@ AxisName = Union[str, Sequence[str], None]
 _FN = "jsample.sample_sharded"
 
 
-def _axis_names(name: AxisName) -> tuple[str, ...]:
-    if name is None:
-        return ()
-    return (name,) if isinstance(name, str) else tuple(name)
-
-
 def _check_mesh(mesh: Any, vocab_axis: AxisName, batch_axis: AxisName, shape: tuple[int, ...]):
     """Checks the mesh and axis names against 2-D logits; returns ``(vocab_shards, batch_shards)``."""
     if not isinstance(mesh, Mesh):
@@ -76,12 +70,12 @@ def _check_mesh(mesh: Any, vocab_axis: AxisName, batch_axis: AxisName, shape: tu
             raise TypeError(
                 f"{_FN}: {arg} must be a mesh axis name, a tuple of names or None, got {name!r}."
             )
-        for n in _axis_names(name):
+        for n in validation.axis_names(name):
             if n not in sizes:
                 raise ValueError(
                     f"{_FN}: {arg}={name!r} is not an axis of the mesh (axes: {tuple(sizes)})."
                 )
-    shared = set(_axis_names(vocab_axis)) & set(_axis_names(batch_axis))
+    shared = set(validation.axis_names(vocab_axis)) & set(validation.axis_names(batch_axis))
     if shared:
         raise ValueError(
             f"{_FN}: vocab_axis and batch_axis both use mesh axis {sorted(shared)[0]!r}; "
@@ -93,7 +87,7 @@ def _check_mesh(mesh: Any, vocab_axis: AxisName, batch_axis: AxisName, shape: tu
         ("batch_axis", batch_axis, shape[0], "batch"),
     ):
         count = 1
-        for n in _axis_names(name):
+        for n in validation.axis_names(name):
             count *= sizes[n]
         if dim % count:
             raise ValueError(
@@ -190,7 +184,7 @@ def _sample_sharded(key, logits, temperature, top_k, top_p, min_p, *, mesh, voca
         # Every device holds whole rows: the single-device sampler runs on each batch shard.
         shard_body = functools.partial(sampling._sample_rows, rule=rule, count=count)
     else:
-        shards = math.prod(mesh.shape[name] for name in _axis_names(vocab_axis))
+        shards = math.prod(mesh.shape[name] for name in validation.axis_names(vocab_axis))
         shard_body = functools.partial(
             _sample_shard, vocab=vocab, plan=_chunk_plan(vocab, shards), vocab_axis=vocab_axis,
             rule=rule, count=count,

@@ -220,11 +220,20 @@ def check_logits(logits: Any, fn: str) -> jax.Array:
     return jnp.asarray(logits)
 
 
+def axis_names(entry: Any) -> tuple[str, ...]:
+    """The mesh axis names of a ``PartitionSpec`` entry or an axis argument: None, a name or
+    a tuple of names."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def check_not_explicitly_sharded(logits: jax.Array, fn: str) -> None:
     """Raises when ``logits`` are sharded over mesh axes of type Explicit.
 
     The single-device sampler reshapes and gathers along both axes, which JAX's explicit
-    sharding rejects deep inside with a ``ShardingTypeError``; this names the way out instead.
+    sharding rejects deep inside (a ``ShardingTypeError``, or branches of a ``cond`` whose
+    shardings differ); this names the ways out instead.
     """
     sharding = getattr(jax.typeof(logits), "sharding", None)
     mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
@@ -232,9 +241,7 @@ def check_not_explicitly_sharded(logits: jax.Array, fn: str) -> None:
         return
     explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
                 if kind == jax.sharding.AxisType.Explicit}
-    used = [name for entry in spec if entry is not None
-            for name in (entry if isinstance(entry, tuple) else (entry,))]
-    names = [name for name in used if name in explicit]
+    names = [name for entry in spec for name in axis_names(entry) if name in explicit]
     if names:
         raise ValueError(
             f"{fn}: the logits are sharded over the explicit mesh axes {names} (spec {spec}). "

@@ -117,7 +117,6 @@ def test_one_key_per_row():
         _assert_same(keys, _family(name, seed=i), params, mesh)
 
 
-
 def test_sample_names_the_ways_out_for_explicitly_sharded_logits():
     # jsample.sample reshapes and gathers along both axes, which explicit sharding rejects deep
     # inside; it says what to do instead, and both ways out draw its tokens.
@@ -133,6 +132,7 @@ def test_sample_names_the_ways_out_for_explicitly_sharded_logits():
     np.testing.assert_array_equal(js.sample_sharded(key, placed, params, mesh=mesh), want)
     replicated = jax.sharding.reshard(placed, NamedSharding(mesh, P()))
     np.testing.assert_array_equal(js.sample(key, replicated, params), want)
+
 
 def test_blocks_that_split_chunks():
     # 4000 tokens over 4 shards: 1000 per shard is not a multiple of the draw's 32-token
