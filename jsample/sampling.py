@@ -54,7 +54,7 @@ def _rows(layout, temperature, top_k, top_p, min_p) -> cutoff.Rows:
     return cutoff.prepare_rows(layout, temperature, top_k, top_p, min_p)
 
 
-def _sample_layout(layout, u, params, rule, count, answered=False):
+def _sample_layout(layout, u, params, rule, count):
     """Tokens and logprobs of every row, and what they say of the logits:
     ``(token, logprob, below_infinity, probed, probe)``.
 
@@ -62,9 +62,6 @@ def _sample_layout(layout, u, params, rule, count, answered=False):
     alone, see :attr:`cutoff.Rows.mass_rows` and :attr:`cutoff.Rows.unfiltered`), an exp pass
     read every row of the logits and ``probe`` is NaN exactly when one holds NaN: the caller
     needs no pass of its own to find out.
-
-    ``answered`` (a traced bool): every row is greedy and the caller has found their tokens
-    itself, so ``layout.chunk_max`` is a placeholder and nothing here may read it.
     """
     rows = _rows(layout, *params)
     n = u.shape[0]
@@ -93,7 +90,7 @@ def _sample_layout(layout, u, params, rule, count, answered=False):
     token, logprob, probe = cutoff.run_if(
         jnp.any(~plain) | probed, sampled, (*zeros, jnp.float32(0.0))
     )
-    greedy = cutoff.run_if(jnp.any(plain) & ~answered, rows.greedy_tokens, zeros[0])
+    greedy = cutoff.run_if(jnp.any(plain), rows.greedy_tokens, zeros[0])
     token = jnp.where(plain, greedy, token)
     # Greedy rows drew their token with probability 1; rows without a finite logit are flagged.
     logprob = jnp.where(rows.greedy, 0.0, logprob)
@@ -118,69 +115,26 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
         # A chunk length that does not divide the vocabulary means a padded copy: make it
         # block by block.
         return selection.map_row_blocks(sanitized, x, u, *params)
-    n, vocab = x.shape
-    zeros = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
-    # A batch of greedy rows (greedy decoding) reads the logits once, in
-    # selection.strided_first_argmax, which sees NaN and +inf in the same pass; the sampled path
-    # reads them twice (the chunk maxima, then a sum for NaN). Each part of the sampled path
-    # sits behind its own branch at the top level of the program: the whole path nested in one
-    # lax.cond measured 10% slower. Even so, the chunk maxima in a branch no longer run beside
-    # the NaN sum, as a top-level operation did: measured 0-4% slower when sampling, against
-    # 20-25% faster greedy batches.
-    fits = selection.strided_argmax_fits(x)
-    one_pass = jnp.all(params[0] == 0) if fits else jnp.bool_(False)
-
     # The whole batch at once, in its own dtype: every pass over the logits is a reduction
     # that reads them in place or runs in row blocks, and the rest works on small arrays.
     # The sampler runs on the logits as they are and only the final select waits for the NaN
     # check. On NaN or +inf that first answer is garbage (but finite work) and the sanitising
     # branch replaces it.
-    chunk_max = cutoff.run_if(
-        ~one_pass,
-        lambda: make_layout(x, chunk).chunk_max,
-        jnp.zeros((n, vocab // chunk), jnp.float32),
-    )
-    layout = selection.Layout(x, vocab, chunk, vocab // chunk, chunk_max)
-    token, logprob, below_infinity, probed, probe = _sample_layout(
-        layout, u, params, rule, count, answered=one_pass
-    )
+    layout = make_layout(x, chunk)
+    token, logprob, below_infinity, probed, probe = _sample_layout(layout, u, params, rule, count)
     # When the parameters make the sampler read every row through an exp pass, its sums reveal
     # NaN; otherwise a plain sum reads the logits a second time to find out.
     nan_sum = lax.cond(
-        probed | one_pass,
-        lambda: jnp.float32(0.0),
-        lambda: selection.nan_sum(layout).astype(jnp.float32),
+        probed, lambda: jnp.float32(0.0), lambda: selection.nan_sum(layout).astype(jnp.float32)
     )
     clean = below_infinity & ~jnp.isnan(jnp.where(probed, probe, nan_sum))
-    if fits:
-        greedy_token, greedy_logprob, greedy_clean = cutoff.run_if(
-            one_pass, lambda: _greedy_rows(x, chunk), (*zeros, jnp.bool_(True))
-        )
-        token = jnp.where(one_pass, greedy_token, token)
-        logprob = jnp.where(one_pass, greedy_logprob, logprob)
-        clean = jnp.where(one_pass, greedy_clean, clean)
+    n = u.shape[0]
     fixed = lax.cond(
-        clean, lambda: zeros, lambda: selection.map_row_blocks(sanitized, x, u, *params)
+        clean,
+        lambda: (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32)),
+        lambda: selection.map_row_blocks(sanitized, x, u, *params),
     )
     return jnp.where(clean, token, fixed[0]), jnp.where(clean, logprob, fixed[1])
-
-
-def _greedy_rows(x: jax.Array, chunk: int):
-    """``(token, logprob, clean)`` of float32 logits ``x`` ``[N, V]`` when every row is greedy.
-
-    One pass (:func:`selection.strided_first_argmax`); ``clean`` is False when some logit is
-    NaN or ``+inf``, and then the rest means nothing. A row whose maximum ties across its
-    columns takes the sampled path's argmax, which reads the logits again: rare on float32
-    logits from a model, short of all-equal rows.
-    """
-    found = selection.strided_first_argmax(x)
-    valid = found.row_max > -jnp.inf
-    wide_tie = found.clean & jnp.any(valid & ~found.exact)
-    again = cutoff.run_if(
-        wide_tie, lambda: selection.first_argmax(make_layout(x, chunk), found.row_max), found.token
-    )
-    token = jnp.where(valid, jnp.where(found.exact, found.token, again), 0)
-    return token, jnp.where(valid, 0.0, -jnp.inf), found.clean
 
 
 def kept_mask(rows: cutoff.Rows, rule: str, count: int) -> jax.Array:

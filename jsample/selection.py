@@ -15,7 +15,6 @@ cheap on XLA's CPU backend shapes the code:
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -205,88 +204,6 @@ def first_argmax(layout: Layout, row_max: jax.Array) -> jax.Array:
         chunk = first(layout.chunk_max == target)
     offset = first(layout.chunk_values(chunk[:, None])[:, 0] == target)
     return jnp.minimum(chunk * layout.chunk + offset, layout.vocab - 1)
-
-
-# The greedy pass views a row of float32 logits as [STRIDES, V / STRIDES] and takes maxima down
-# the first axis.
-STRIDES = 16
-
-
-class StridedArgmax(NamedTuple):
-    """What :func:`strided_first_argmax` found."""
-
-    token: jax.Array  # [N] int32: the first maximum of each row, where ``exact``
-    row_max: jax.Array  # [N] float32, -inf for a row without a finite logit
-    clean: jax.Array  # bool: no logit is NaN or +inf (when False, the rest means nothing)
-    exact: jax.Array  # [N] bool: False when the maximum ties across the row's columns
-
-
-def strided_argmax_fits(x: jax.Array) -> bool:
-    """Whether :func:`strided_first_argmax` takes ``x`` ``[N, V]``: float32 with ``V`` a multiple
-    of :data:`STRIDES`.
-
-    Other float types are left out: XLA:CPU converts them to float32 one element at a time in an
-    elementwise loop, several times slower than a reduction over them.
-    """
-    return x.dtype == jnp.float32 and x.shape[-1] % STRIDES == 0
-
-
-def _halving_max(a: jax.Array) -> jax.Array:
-    """``[N, S, W]`` -> ``[N, W]`` (``S`` a power of two): maxima down the middle axis.
-
-    Pairwise ``jnp.maximum`` of the two halves, which XLA fuses into one elementwise loop that
-    reads ``a`` once, vectorised along ``W``, at the speed of a ``max`` reduction; unlike
-    XLA:CPU's vectorised reduction, it propagates NaN.
-    """
-    while a.shape[1] > 1:
-        half = a.shape[1] // 2
-        a = jnp.maximum(a[:, :half], a[:, half:])
-    return a[:, 0]
-
-
-def strided_first_argmax(x: jax.Array) -> StridedArgmax:
-    """First maximum of each row of float32 ``x`` ``[N, V]``, and NaN and +inf, in one pass.
-
-    Token ``t`` sits at ``[t // C, t % C]`` of the row's ``[STRIDES, C]`` view (``C = V /
-    STRIDES``). Maxima down that view's columns (``[N, C]``, NaN-propagating), then down the
-    columns of their ``[S, W]`` view (``S`` the largest power of two up to STRIDES dividing
-    ``C``), give the maximum of every residue ``t % W``, and NaN or +inf in their sum. The first
-    residue holding the row's maximum leads to its first column holding it and to the first
-    token of that column equal to it: the first maximum of the row when no other column holds
-    one (``exact``; ties across columns are left to the caller). Only ``S + STRIDES`` values
-    per row are read after the pass.
-    """
-    n, vocab = x.shape
-    columns = vocab // STRIDES
-    second = math.gcd(STRIDES, columns)
-    width = columns // second
-    column_max = _halving_max(x.reshape(n, STRIDES, columns))  # [N, C]
-    residue_max = _halving_max(column_max.reshape(n, second, width))  # [N, W]
-    probe = jnp.sum(residue_max)
-    clean = ~jnp.isnan(probe) & (probe < jnp.inf)
-    # Materialised: XLA would otherwise recompute the chain of halvings for every element of
-    # the [N, W] array compared with it.
-    row_max = materialize(tree_max(residue_max))
-    target = row_max[:, None]
-    rows = jnp.arange(n, dtype=jnp.int32)[:, None]
-
-    def first(hits: jax.Array, ids: jax.Array, last: int) -> jax.Array:
-        """The smallest of ``ids`` (float32) where ``hits``, else ``last``, as int32 ``[N]``."""
-        return jnp.minimum(tree_min(jnp.where(hits, ids, float(last))), last).astype(jnp.int32)
-
-    hits = residue_max == target
-    residue = first(hits, jnp.arange(width, dtype=jnp.float32), width - 1)
-    # That residue's columns, then the column's tokens: two flat gathers of a few values.
-    column_ids = residue[:, None] + jnp.arange(second, dtype=jnp.int32) * width  # [N, S]
-    in_column = column_max.reshape(-1).at[rows * columns + column_ids].get(
-        mode="promise_in_bounds") == target
-    column = first(in_column, column_ids.astype(jnp.float32), columns - 1)
-    offsets = jnp.arange(STRIDES, dtype=jnp.int32) * columns
-    at_max = x.reshape(-1).at[rows * vocab + column[:, None] + offsets].get(
-        mode="promise_in_bounds") == target
-    token = first(at_max, jnp.arange(STRIDES, dtype=jnp.float32), STRIDES - 1) * columns + column
-    count = lambda flags: tree_sum(flags.astype(jnp.float32))
-    return StridedArgmax(token, row_max, clean, (count(hits) == 1) & (count(in_column) == 1))
 
 
 def top_candidates(layout: Layout, count: int) -> tuple[jax.Array, jax.Array]:

@@ -119,35 +119,32 @@ class TestGreedy:
         assert np.all(np.asarray(logprobs) == 0.0)
 
 
-class TestOnePassGreedy:
-    """A batch whose rows are all greedy, over a float32 vocabulary that 64 divides, reads the
-    logits once (jsample.selection.strided_first_argmax) and must still give the first maximum."""
+class TestGreedyTies:
+    """Greedy rows over a float32 vocabulary that 64 divides take the whole-batch path, whose
+    argmax narrows down by group, chunk and position; ties must still give the first maximum."""
 
-    SHAPE = (6, 1024)  # as in test_nonfinite: 64 columns of the [16, 64] view, residues mod 4
+    SHAPE = (6, 1024)  # as in test_nonfinite: 16 chunks of 64, groups of 4 chunks
 
     def _tied(self):
         x = np.random.default_rng(3).normal(0.0, 1.0, self.SHAPE).astype(np.float32)
-        x[1, [5 + 64 * 9, 5 + 64 * 3]] = 9.0  # one column: its first token, 197
-        x[2, [1 + 64 * 10, 2 + 64 * 2]] = 9.0  # two residues: the later residue holds 130
-        x[3, [1 + 64 * 8, 5 + 64 * 1]] = 9.0  # two columns of residue 1: the later one holds 69
+        x[1, [5 + 64 * 9, 5 + 64 * 3]] = 9.0  # two chunks of two groups: 197
+        x[2, [1 + 64 * 10, 2 + 64 * 2]] = 9.0  # the earlier chunk holds the later offset: 130
+        x[3, [1 + 64 * 8, 5 + 64 * 1, 3 + 64 * 1]] = 9.0  # two in one chunk: 67
         x[4] = 0.5  # all equal: token 0
         x[5] = -np.inf  # no finite logit: token 0, logprob -inf
         return x
 
     def test_first_maximum_with_ties(self):
         x = self._tied()
-        found = jax.jit(selection.strided_first_argmax)(jnp.asarray(x))
-        # Rows 2 to 4 tie across columns, so the caller's second look is exercised too.
-        assert np.asarray(found.exact)[:5].tolist() == [True, True, False, False, False]
         greedy = js.SamplingParams(temperature=0.0)
         tokens, logprobs = jax.jit(lambda k, x: js.sample(k, x, greedy, return_logprobs=True))(
             jax.random.key(0), jnp.asarray(x))
-        assert tokens.tolist() == np.argmax(x, axis=-1).tolist() == [int(np.argmax(x[0])), 197, 130, 69, 0, 0]
+        assert tokens.tolist() == np.argmax(x, axis=-1).tolist() == [int(np.argmax(x[0])), 197, 130, 67, 0, 0]
         assert logprobs.tolist() == [0.0] * 5 + [-np.inf]
         u = jnp.full((self.SHAPE[0],), 0.5)
         assert js.sample_from_uniform(u, jnp.asarray(x), greedy).tolist() == tokens.tolist()
 
-    def test_nan_and_inf_in_the_one_pass(self):
+    def test_nan_and_inf(self):
         x = self._tied()
         top = int(np.argmax(x[0]))
         x[0, top] = np.nan  # the row's maximum is NaN: it counts as -inf

@@ -177,9 +177,8 @@ def test_a_large_batch_gives_each_row_the_result_of_a_small_one(batch):
 
 # The fast sampler (a vocabulary that 64 divides) runs on the raw logits and finds NaN either in
 # the sums of its own exp pass (when the parameters make one read every row: top-p without top-k,
-# or no filter), in a separate sum, or, when every row is greedy, in its one strided pass. Each
-# parameter set below takes one of those ways; all share one compiled program, and NaN must act
-# exactly as -inf in each.
+# or no filter) or in a separate sum. Each parameter set below takes one of those ways; all share
+# one compiled program, and NaN must act exactly as -inf in each.
 # 6 x 1024 logits are enough for XLA:CPU's vectorised max, which returns a chunk maximum below
 # the true one when the chunk's last entry is NaN (the test checks that this still happens).
 FAST_V = 1024
@@ -187,7 +186,7 @@ FAST_PARAMS = {
     "top-p only (exp pass)": dict(temperature=1.0, top_p=0.9),
     "no filter (exp pass)": dict(temperature=0.8),
     "top-k (separate sum)": dict(temperature=0.7, top_k=20),
-    "greedy (one strided pass)": dict(temperature=0.0),
+    "greedy (separate sum)": dict(temperature=0.0),
     "mixed": dict(temperature=[1.0, 0.0, 0.7, 1.3, 1.0, 0.9], top_k=[0, 0, 5, 100, 0, 0],
                   top_p=[0.9, 1.0, 1.0, 0.95, 1.0, 1.0], min_p=[0.0, 0.0, 0.0, 0.05, 0.0, 0.1]),
 }
