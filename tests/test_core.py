@@ -121,13 +121,13 @@ class TestGreedy:
 
 class TestGreedyTies:
     """Greedy rows over a float32 vocabulary that 64 divides take the whole-batch path, whose
-    argmax narrows down by group, chunk and position; ties must still give the first maximum."""
+    argmax narrows down by chunk, then position; ties must still give the first maximum."""
 
-    SHAPE = (6, 1024)  # as in test_nonfinite: 16 chunks of 64, groups of 4 chunks
+    SHAPE = (6, 1024)  # as in test_nonfinite: 16 chunks of 64
 
     def _tied(self):
         x = np.random.default_rng(3).normal(0.0, 1.0, self.SHAPE).astype(np.float32)
-        x[1, [5 + 64 * 9, 5 + 64 * 3]] = 9.0  # two chunks of two groups: 197
+        x[1, [5 + 64 * 9, 5 + 64 * 3]] = 9.0  # two chunks, same offset: 197
         x[2, [1 + 64 * 10, 2 + 64 * 2]] = 9.0  # the earlier chunk holds the later offset: 130
         x[3, [1 + 64 * 8, 5 + 64 * 1, 3 + 64 * 1]] = 9.0  # two in one chunk: 67
         x[4] = 0.5  # all equal: token 0
