@@ -14,9 +14,10 @@ Each row takes the first of three tiers that can prove its answer; all evaluate 
 
 1. :func:`threshold_candidates` with ``candidates`` slots: a threshold ``L`` from the maxima of
    groups of chunks (a short bisection on a ``[rows, vocab / 256]`` array), then every token
-   ``>= L``, collected in vocabulary order by four small compactions (groups, chunks, runs of
-   eight tokens, tokens),
-   and the rules applied to them by pairwise comparisons. No sort, no ``top_k``. The row is
+   ``>= L``, collected in vocabulary order by small compactions (groups, chunks, then the
+   chunks' tokens: directly for the strided chunks of ``sample``, through runs of eight tokens
+   for chunks of consecutive tokens), and the rules applied to them by pairwise comparisons.
+   No sort, no ``top_k``. The row is
    certified when all tokens ``>= L`` fit and some filter provably drops every token below
    ``L`` (top-k: at least ``k`` tokens are ``>= L``; top-p: their mass reaches ``top_p``;
    min-p: ``L`` itself fails the min-p test).
@@ -134,7 +135,8 @@ def prepare_rows(layout: Layout, temperature, top_k, top_p, min_p) -> Rows:
     """``layout``: sanitised logits; parameters: sanitised ``[N]``."""
     # The barrier keeps XLA from merging this reduction with the one that made chunk_max into a
     # second reduction over the logits.
-    row_max = lax.optimization_barrier(layout.chunk_max).max(axis=-1)
+    maxima = layout.chunk_max if layout.groups_max is None else layout.groups_max
+    row_max = lax.optimization_barrier(maxima).max(axis=-1)
     valid = row_max > -jnp.inf
     # Each parameter is computed once into its own buffer, and the flags from those buffers:
     # XLA would otherwise copy the chains that sanitised them into every consumer.
@@ -264,12 +266,15 @@ def could_certify(rows: Rows, tier: TierThreshold, slots: int, chunk_mass: jax.A
     is ``>= L`` each hold a token ``>= L``, so more of them than slots cannot fit; and a top-p
     row without top-k, unless min-p proves its cut, needs the tokens ``>= L`` to reach
     ``top_p * full_mass``, which they cannot when even the whole chunks holding them do not.
-    ``chunk_mass`` ``[N, chunks]`` holds the weights of all tokens (the exp pass of the full
-    mass); the sums round differently from the tier's, hence the slack.
+    ``chunk_mass`` (:func:`chunk_masses`) holds the weights of all tokens (the exp pass of the full
+    mass); the sums round differently from the tier's, hence the slack. A strided layout's
+    masses are those of groups of chunks (see :func:`chunk_masses`), a weaker bound.
     """
-    above = rows.layout.chunk_max >= tier.threshold[:, None]
-    fits = jnp.sum(above.astype(jnp.float32), axis=1) <= slots
-    reachable = jnp.sum(jnp.where(above, chunk_mass, 0.0), axis=1) * (1 + 1e-4) >= rows.top_p * full_mass
+    layout = rows.layout
+    threshold = tier.threshold[:, None]
+    fits = jnp.sum((layout.chunk_max >= threshold).astype(jnp.float32), axis=1) <= slots
+    maxima = selection.group_max(layout)[0] if layout.strided else layout.chunk_max
+    reachable = jnp.sum(jnp.where(maxima >= threshold, chunk_mass, 0.0), axis=1) * (1 + 1e-4) >= rows.top_p * full_mass
     return fits & (rows.k_on | tier.min_p_proof | (rows.p_only & reachable))
 
 
@@ -291,47 +296,22 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     p_only = rows.p_only
     at_least = lambda v: (v >= threshold.reshape(-1, *(1,) * (v.ndim - 1))) & (v > -jnp.inf)
 
-    # Groups holding a token >= L, then their chunks holding one, then the runs of RUN tokens
-    # in those chunks holding one, then those tokens: four compactions of small arrays.
+    # Groups holding a token >= L, then their chunks holding one, then (chunks of consecutive
+    # tokens) the runs of RUN tokens in those chunks holding one, then those tokens: three or
+    # four compactions of small arrays.
     group_ids = jnp.broadcast_to(jnp.arange(groups, dtype=jnp.int32), (n, groups))
     (group_id,), group_count = selection.compact(at_least(group_max), (group_ids,), slots, (0,))
-    open_slot = lambda count, a: jnp.where(
-        (jnp.arange(slots) < count[:, None]).reshape(n, slots, *(1,) * (a.ndim - 2)), a, -jnp.inf
-    )
     chunk_max = selection.pad_columns(layout.chunk_max, groups * per_group, -jnp.inf)
     chunk_max = selection.gather_rows(chunk_max.reshape(n, groups, per_group), group_id)
-    chunk_max = open_slot(group_count, chunk_max)
+    chunk_max = _open_slots(group_count, chunk_max)
     chunk_ids = group_id[:, :, None] * per_group + jnp.arange(per_group, dtype=jnp.int32)
     (chunk_id,), chunk_count = selection.compact(
         at_least(chunk_max).reshape(n, -1), (chunk_ids.reshape(n, -1),), slots, (0,)
     )
     chunk_id = jnp.minimum(chunk_id, layout.chunks - 1)
-    run = selection.RUN if layout.chunk % selection.RUN == 0 else layout.chunk
-    per_chunk = layout.chunk // run
-    # The run maxima of the chunks collected. Fused into the maxima, the gather runs once per
-    # run and token (~3x slower than gathering whole chunks into a buffer first); stored, the
-    # [n, slots, chunk] array of the widest tier would be tens of MB, page-faulted afresh on
-    # every call. So the chunks are gathered into a buffer only up to STORED_GATHER_BYTES.
-    chunk_values = layout.chunk_values(chunk_id)
-    if chunk_values.size * chunk_values.dtype.itemsize <= STORED_GATHER_BYTES:
-        chunk_values = selection.materialize(chunk_values)
-    run_max = selection.tree_max(
-        open_slot(chunk_count, chunk_values).reshape(n, slots * per_chunk, run)
-    )
-    run_ids = jnp.broadcast_to(jnp.arange(slots * per_chunk, dtype=jnp.int32), run_max.shape)
-    (run_id,), run_count = selection.compact(at_least(run_max), (run_ids,), slots, (0,))
-    global_run = jnp.take_along_axis(chunk_id, run_id // per_chunk, axis=1) * per_chunk + run_id % per_chunk
-    all_runs = layout.x.reshape(n, -1, run)
-    runs = open_slot(run_count, selection.gather_rows(all_runs, global_run).astype(jnp.float32))
-    first_token = global_run * run
-    token_ids = first_token[:, :, None] + jnp.arange(run, dtype=jnp.int32)
-    (values, indices), count = selection.compact(
-        at_least(runs).reshape(n, -1),
-        (runs.reshape(n, -1), token_ids.reshape(n, -1)),
-        slots,
-        (-jnp.inf, 0),
-    )
-    fits = (group_count <= slots) & (chunk_count <= slots) & (run_count <= slots) & (count <= slots)
+    collect = _collect_strided if layout.strided else _collect_runs
+    (values, indices), count, collected = collect(layout, chunk_id, chunk_count, slots, at_least)
+    fits = (group_count <= slots) & (chunk_count <= slots) & collected & (count <= slots)
 
     # Pairwise comparisons are cheapest for the usual slot counts; their [N, M, M] arrays
     # outgrow a bisection over the candidates for wide tiers.
@@ -347,6 +327,66 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
         threshold=selection.tree_min(jnp.where(keep_kp, values, jnp.inf)),
         certified=fits & proof,
     )
+
+
+def _open_slots(count: jax.Array, a: jax.Array) -> jax.Array:
+    """``a`` ``[N, slots, ...]`` with the slots from ``count`` on (per row) set to ``-inf``."""
+    n, slots = a.shape[:2]
+    open_ = jnp.arange(slots) < count[:, None]
+    return jnp.where(open_.reshape(n, slots, *(1,) * (a.ndim - 2)), a, -jnp.inf)
+
+
+def _collect_runs(layout: Layout, chunk_id, chunk_count, slots: int, at_least):
+    """The tokens ``>= L`` of the collected chunks of a layout of consecutive tokens, in
+    vocabulary order: the runs of :data:`selection.RUN` tokens holding one, then their tokens.
+
+    Returns ``((values, token ids) [N, slots] each, count [N], runs fit [N])``.
+    """
+    n = chunk_id.shape[0]
+    run = selection.RUN if layout.chunk % selection.RUN == 0 else layout.chunk
+    per_chunk = layout.chunk // run
+    # The run maxima of the chunks collected. Fused into the maxima, the gather runs once per
+    # run and token (~3x slower than gathering whole chunks into a buffer first); stored, the
+    # [n, slots, chunk] array of the widest tier would be tens of MB, page-faulted afresh on
+    # every call. So the chunks are gathered into a buffer only up to STORED_GATHER_BYTES.
+    chunk_values = layout.chunk_values(chunk_id)
+    if chunk_values.size * chunk_values.dtype.itemsize <= STORED_GATHER_BYTES:
+        chunk_values = selection.materialize(chunk_values)
+    run_max = selection.tree_max(
+        _open_slots(chunk_count, chunk_values).reshape(n, slots * per_chunk, run)
+    )
+    run_ids = jnp.broadcast_to(jnp.arange(slots * per_chunk, dtype=jnp.int32), run_max.shape)
+    (run_id,), run_count = selection.compact(at_least(run_max), (run_ids,), slots, (0,))
+    global_run = jnp.take_along_axis(chunk_id, run_id // per_chunk, axis=1) * per_chunk + run_id % per_chunk
+    all_runs = layout.x.reshape(n, -1, run)
+    runs = _open_slots(run_count, selection.gather_rows(all_runs, global_run).astype(jnp.float32))
+    first_token = global_run * run
+    token_ids = first_token[:, :, None] + jnp.arange(run, dtype=jnp.int32)
+    found, count = selection.compact(
+        at_least(runs).reshape(n, -1),
+        (runs.reshape(n, -1), token_ids.reshape(n, -1)),
+        slots,
+        (-jnp.inf, 0),
+    )
+    return found, count, run_count <= slots
+
+
+def _collect_strided(layout: Layout, chunk_id, chunk_count, slots: int, at_least):
+    """:func:`_collect_runs` for a strided layout: the collected chunks' tokens directly.
+
+    ``chunk_id`` is increasing, so the tokens ``c + i * chunks`` come in vocabulary order when
+    taken by ``i`` first, then by chunk: the gathered ``[slots, chunk]`` block, transposed.
+    """
+    n = chunk_id.shape[0]
+    values = jnp.swapaxes(_open_slots(chunk_count, layout.chunk_values(chunk_id)), 1, 2)
+    tokens = jnp.swapaxes(layout.chunk_tokens(chunk_id), 1, 2)
+    found, count = selection.compact(
+        at_least(values).reshape(n, -1),
+        (values.reshape(n, -1), tokens.reshape(n, -1)),
+        slots,
+        (-jnp.inf, 0),
+    )
+    return found, count, jnp.ones((n,), bool)
 
 
 def _bisected_rules(rows: Rows, values: jax.Array, rule: str, full_mass: jax.Array):
@@ -415,20 +455,21 @@ def map_rows(fn, rows: Rows, *per_row):
     fields = rows._replace(layout=layout.chunk_max)
 
     def block(x, fields, *extra):
-        part = fields._replace(layout=layout._replace(x=x, chunk_max=fields.layout))
+        part = fields._replace(layout=layout._replace(x=x, chunk_max=fields.layout, groups_max=None))
         return fn(part, *extra)
 
     return selection.map_row_blocks(block, layout.x, fields, *per_row)
 
 
-def chunk_masses(rows: Rows, threshold: jax.Array | None = None) -> jax.Array:
-    """float32 ``[N, chunks]``: each chunk's unnormalised probability mass.
+def draw_masses(rows: Rows, threshold: jax.Array | None = None) -> jax.Array:
+    """float32 ``[N, width / draw_chunk]``: the unnormalised probability mass of each run of
+    :attr:`selection.Layout.draw_chunk` consecutive tokens, the draw's chunks.
 
     Tokens count when ``>= threshold`` (per row; all of them when None) and when they pass
     min-p. One ``exp`` pass over the logits in row blocks, summed in a fixed order (see
     :func:`selection.chunk_sums`), so a row's masses never depend on the rest of the batch.
     """
-    chunk = rows.layout.chunk
+    chunk = rows.layout.draw_chunk
     if threshold is None:
         # The select keeps the exp out of XLA's vectorised reduction, which runs exp on one
         # core at a fraction of the speed of XLA's own loop. NaN keeps its weight, NaN.
@@ -439,6 +480,33 @@ def chunk_masses(rows: Rows, threshold: jax.Array | None = None) -> jax.Array:
         rows,
         threshold,
     )
+
+
+def chunk_masses(rows: Rows) -> jax.Array:
+    """float32 ``[N, sets]``: the unnormalised probability mass of each chunk of the layout, or,
+    for a strided layout, of each group of chunks (:func:`selection.group_max`).
+
+    For a strided layout, one ``exp`` pass in row blocks summed down the columns of each row
+    seen as ``[chunk, chunks]`` by pairwise adds of whole rows of that view (one vectorised loop
+    with the ``exp``), then over each group's columns: a fixed order, and ``[N, groups]``
+    arrays after the pass rather than ``[N, chunks]`` ones, which cost more than they prune.
+    """
+    layout = rows.layout
+    if not layout.strided:
+        return draw_masses(rows)
+    groups, per_group = selection.group_shape(layout)
+
+    def block(r):
+        x = r.layout.x
+        w = jnp.exp(r.scaled(x.reshape(x.shape[0], layout.chunk, layout.chunks)))
+        w = jnp.where(x.reshape(w.shape) == -jnp.inf, 0.0, w)
+        while w.shape[1] > 1:
+            half = w.shape[1] // 2
+            w = w[:, :half] + w[:, half:]
+        w = selection.pad_columns(w[:, 0], groups * per_group, 0.0)
+        return selection.tree_sum(w.reshape(x.shape[0], groups, per_group))
+
+    return map_rows(block, rows)
 
 
 def full_mass(rows: Rows) -> jax.Array:
@@ -461,7 +529,7 @@ def _full_thresholds(rows: Rows, rule: str, active: jax.Array) -> jax.Array:
     x = layout.x
     # Counts are exact in any order; masses are summed in a fixed order (batch-independent).
     total = lambda keep, w: selection.tree_sum(
-        selection.chunk_sums(lambda v: jnp.where(keep(v), w(v), 0.0), x, layout.chunk)
+        selection.chunk_sums(lambda v: jnp.where(keep(v), w(v), 0.0), x, layout.draw_chunk)
     )
     one = lambda y: jnp.ones(y.shape, jnp.float32)
     per_row = lambda v, y: v.reshape(-1, *(1,) * (y.ndim - 1))
@@ -537,15 +605,19 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
         chunk_mass = chunk_masses(rows)
         return chunk_mass, selection.tree_sum(chunk_mass)
 
+    layout = rows.layout
+    mass_sets = layout.chunk_max.shape if not layout.strided else (rows_n, selection.group_shape(layout)[0])
     chunk_mass, masses = run_if(
         jnp.any(rows.mass_rows),
         mass_pass,
-        (jnp.zeros(rows.layout.chunk_max.shape, jnp.float32), jnp.zeros((rows_n,), jnp.float32)),
+        (jnp.zeros(mass_sets, jnp.float32), jnp.zeros((rows_n,), jnp.float32)),
     )
     mass = jnp.where(rows.mass_rows, masses, 1.0)
     tiers, used = [], []
     left = filtered
-    widths = tier_slots(count, rows.layout.chunks)
+    # The tiers' widths are capped in chunks of FINE_CHUNK tokens, whatever the layout's own.
+    blocks = rows.layout.x.shape[1] // rows.layout.draw_chunk
+    widths = tier_slots(count, blocks if rows.layout.strided else rows.layout.chunks)
     no_cut = TierThreshold(jnp.zeros((rows_n,), jnp.float32), jnp.zeros((rows_n,), bool))
     # A tier's threshold, when the tier before it already found it (deciding to defer).
     found, have = no_cut, jnp.bool_(False)

@@ -70,13 +70,14 @@ def draw_chunked(
     token.
 
     Tokens count when ``>= threshold`` (per row) and when they pass min-p. One ``exp`` pass gives
-    the chunk masses (:func:`jsample.cutoff.chunk_masses`); the rest reads one group of chunk
+    the chunk masses (:func:`jsample.cutoff.draw_masses`); the rest reads one group of chunk
     masses and one chunk per row. Returns ``(token [N], logprob [N], mass [N])``: ``mass`` is
     each row's kept mass, NaN when the row's logits hold NaN.
     """
     layout = rows.layout
-    masses = cutoff.chunk_masses(rows, threshold)  # [N, chunks]
-    groups = -(-layout.chunks // _GROUP)
+    masses = cutoff.draw_masses(rows, threshold)  # [N, chunks]
+    chunks = masses.shape[1]
+    groups = -(-chunks // _GROUP)
     masses = selection.pad_columns(masses, groups * _GROUP, 0.0).reshape(-1, groups, _GROUP)
     group_mass = selection.tree_sum(masses)
     cum = jnp.cumsum(group_mass, axis=-1)
@@ -88,10 +89,10 @@ def draw_chunked(
     chunk_cum = jnp.cumsum(chunk_mass, axis=-1)
     offset, _ = pick(chunk_mass, target, chunk_cum)
     target = target - _before(chunk_cum, chunk_mass, offset)
-    chunk = jnp.minimum(group * _GROUP + offset, layout.chunks - 1)
-    values = layout.chunk_values(chunk[:, None])[:, 0]
+    chunk = jnp.minimum(group * _GROUP + offset, chunks - 1)
+    values = selection.gather_rows(layout.draw_blocks, chunk[:, None])[:, 0].astype(jnp.float32)
     position, _ = pick(rows.weights(values, threshold), target)
-    token = chunk * layout.chunk + position
+    token = chunk * layout.draw_chunk + position
     scaled = rows.scaled(jnp.take_along_axis(values, position[:, None], axis=1))[:, 0]
     return token, scaled - jnp.log(total), total
 

@@ -120,14 +120,19 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
     # The sampler runs on the logits as they are and only the final select waits for the NaN
     # check. On NaN or +inf that first answer is garbage (but finite work) and the sanitising
     # branch replaces it.
-    layout = make_layout(x, chunk)
+    strided = x.dtype == jnp.float32
+    layout = selection.make_strided_layout(x) if strided else make_layout(x, chunk)
     token, logprob, below_infinity, probed, probe = _sample_layout(layout, u, params, rule, count)
-    # When the parameters make the sampler read every row through an exp pass, its sums reveal
-    # NaN; otherwise a plain sum reads the logits a second time to find out.
-    nan_sum = lax.cond(
-        probed, lambda: jnp.float32(0.0), lambda: selection.nan_sum(layout).astype(jnp.float32)
-    )
-    clean = below_infinity & ~jnp.isnan(jnp.where(probed, probe, nan_sum))
+    if strided:
+        # The strided chunk maxima propagate NaN: the one pass that made them tells.
+        nan_probe = selection.nan_probe(layout)
+    else:
+        # When the parameters make the sampler read every row through an exp pass, its sums
+        # reveal NaN; otherwise a plain sum reads the logits a second time to find out.
+        nan_probe = jnp.where(probed, probe, lax.cond(
+            probed, lambda: jnp.float32(0.0), lambda: selection.nan_sum(layout).astype(jnp.float32)
+        ))
+    clean = below_infinity & ~jnp.isnan(nan_probe)
     n = u.shape[0]
     fixed = lax.cond(
         clean,

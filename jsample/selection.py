@@ -1,12 +1,14 @@
 """Sort-free selection over a vocabulary: chunk maxima, thresholds, compaction, argmax, bisection.
 
-Everything here reads a ``[rows, vocab]`` array laid out as ``[rows, chunks, chunk]``. What is
-cheap on XLA's CPU backend shapes the code:
+Everything here reads a ``[rows, vocab]`` array cut into chunks whose maxima are known: runs of
+consecutive tokens (:func:`make_layout`) or strided columns (:func:`make_strided_layout`). What
+is cheap on XLA's CPU backend shapes the code:
 
 * a ``max`` or ``sum`` over short contiguous chunks runs as fast as one ``max`` pass over the
-  logits (a YNNPACK reduction), but it does not fuse its elementwise producer: ``sum(exp(x))``
-  first writes ``exp(x)`` to memory, so passes that transform the logits run over row blocks
-  (:func:`map_row_blocks`) to keep that temporary small;
+  logits (a YNNPACK reduction), but its ``max`` drops NaN, and it does not fuse its elementwise
+  producer: ``sum(exp(x))`` first writes ``exp(x)`` to memory, so passes that transform the
+  logits run over row blocks (:func:`map_row_blocks`) to keep that temporary small;
+* an elementwise loop of ``jnp.maximum`` down strided columns is as fast, and sees NaN;
 * ``lax.top_k`` costs about 20 µs per row for ``k = 64``, whatever the row length, and sorts
   cost more; :func:`compact` and :func:`bisect_threshold` select without either;
 * three-dimensional broadcasts such as ``[rows, n, thresholds]`` are materialised and slow, so
@@ -29,6 +31,8 @@ _CHUNK_SIZES = (64, 128, 32, 256)
 FINE_CHUNK = 64
 GROUP_ELEMENTS = 256
 RUN = 8
+# Tokens per chunk of a strided layout (make_strided_layout).
+STRIDED_CHUNK = 16
 # Row blocks of about this many bytes of float32 values: XLA's CPU backend materialises the
 # operand of a reduction, and glibc maps a temporary above its 32 MiB threshold afresh (and
 # page-faults it) on every call.
@@ -36,7 +40,14 @@ BLOCK_BYTES = 4 << 20
 
 
 class Layout(NamedTuple):
-    """A ``[rows, vocab]`` array padded with ``-inf`` to ``chunks * chunk`` columns.
+    """A ``[rows, vocab]`` array padded with ``-inf`` to ``chunks * chunk`` columns, cut into
+    chunks whose maxima are known.
+
+    A chunk is ``chunk`` consecutive tokens, or, in a strided layout (:func:`make_strided_layout`),
+    the tokens ``c, c + chunks, c + 2 * chunks, ...``: the columns of the row seen as
+    ``[chunk, chunks]``. Any partition serves the searches over chunk maxima; what needs tokens
+    in vocabulary order asks :meth:`chunk_tokens`, and the draw reads consecutive tokens
+    (:attr:`draw_chunk`) whatever the partition.
 
     ``x`` keeps the dtype it was built from (float32 unless the caller built it from another
     float type; every consumer promotes to float32); ``chunk_max`` is float32.
@@ -47,13 +58,40 @@ class Layout(NamedTuple):
     chunk: int
     chunks: int
     chunk_max: jax.Array  # [N, chunks]
+    strided: bool = False
+    # [N, groups]: group_max(self), when computed once up front (strided layouts).
+    groups_max: jax.Array | None = None
 
     @property
     def blocks(self) -> jax.Array:
+        """``[N, chunks, chunk]``: the chunks of a layout that is not strided."""
         return self.x.reshape(self.x.shape[0], self.chunks, self.chunk)
+
+    @property
+    def draw_chunk(self) -> int:
+        """The length of the runs of consecutive tokens that the draw and the mass sums read."""
+        return FINE_CHUNK if self.strided else self.chunk
+
+    @property
+    def draw_blocks(self) -> jax.Array:
+        """``[N, width / draw_chunk, draw_chunk]``: the row in runs of :attr:`draw_chunk` tokens."""
+        return self.x.reshape(self.x.shape[0], -1, self.draw_chunk)
+
+    def chunk_tokens(self, chunk_ids: jax.Array) -> jax.Array:
+        """``[N, M]`` chunk ids -> int32 ``[N, M, chunk]`` token ids, increasing along the last axis."""
+        offsets = jnp.arange(self.chunk, dtype=jnp.int32)
+        if self.strided:
+            return chunk_ids[..., None] + offsets * self.chunks
+        return chunk_ids[..., None] * self.chunk + offsets
 
     def chunk_values(self, chunk_ids: jax.Array) -> jax.Array:
         """``[N, M]`` chunk ids (in range) -> float32 ``[N, M, chunk]`` values."""
+        if self.strided:
+            # One index per value: a strided chunk is not a slice.
+            rows, width = self.x.shape
+            flat = jnp.arange(rows, dtype=jnp.int32)[:, None, None] * width + self.chunk_tokens(chunk_ids)
+            values = self.x.reshape(-1).at[flat.reshape(-1)].get(mode="promise_in_bounds")
+            return values.reshape(flat.shape).astype(jnp.float32)
         return gather_rows(self.blocks, chunk_ids).astype(jnp.float32)
 
 
@@ -150,9 +188,56 @@ def make_layout(x: jax.Array, chunk: int | None = None) -> Layout:
     return Layout(x, vocab, chunk, chunks, chunk_max)
 
 
+def make_strided_layout(x: jax.Array) -> Layout:
+    """A strided layout of float32 ``x`` ``[N, V]`` (``V`` a multiple of :data:`FINE_CHUNK`).
+
+    Chunk ``c`` holds the tokens ``c + i * V / STRIDED_CHUNK``: its maximum is the maximum down
+    column ``c`` of the row seen as ``[STRIDED_CHUNK, V / STRIDED_CHUNK]``, which XLA computes as
+    one vectorised loop of ``jnp.maximum`` over whole rows of that view, about as fast as one
+    ``max`` pass over the logits. Unlike XLA:CPU's ``max`` reduction (YNNPACK), ``jnp.maximum``
+    propagates NaN, so the chunk maxima reveal NaN (:func:`nan_probe`) without a second pass.
+    float32 only: on bfloat16 the same loop converts one element at a time and runs ~6x slower.
+    """
+    rows, vocab = x.shape
+    if x.dtype != jnp.float32 or vocab % FINE_CHUNK:
+        raise ValueError(f"a strided layout needs float32 logits and a vocabulary divisible "
+                         f"by {FINE_CHUNK}, got {x.dtype} and {vocab}")
+    columns = vocab // STRIDED_CHUNK
+    m = x.reshape(rows, STRIDED_CHUNK, columns)
+    while m.shape[1] > 1:
+        half = m.shape[1] // 2
+        m = jnp.maximum(m[:, :half], m[:, half:])
+    chunk_max = m[:, 0]
+    layout = Layout(x, vocab, STRIDED_CHUNK, columns, chunk_max, strided=True)
+    # The group maxima once, by a reduction: its operand, the loop's output, is stored once (an
+    # elementwise consumer would copy the loop into itself and read the logits again), and every
+    # consumer reads the [N, groups] result rather than recomputing it from the [N, chunks] one.
+    groups, per_group = group_shape(layout)
+    grouped = pad_columns(chunk_max, groups * per_group, -jnp.inf).reshape(rows, groups, per_group)
+    return layout._replace(groups_max=jnp.max(grouped, axis=-1))
+
+
+def nan_probe(layout: Layout) -> jax.Array:
+    """NaN when some logit of a strided layout is NaN (its chunk maxima propagate NaN).
+
+    A plain sum of the chunk maxima: an elementwise step before it would be fused with the loop
+    that makes them, which XLA would then run a second time over the logits. Its false alarms,
+    ``-inf`` maxima beside ``+inf`` ones (``+inf`` is caught on its own anyway) or a sum that
+    overflows both ways, merely send the batch down the sanitising path, which gives the same
+    results.
+    """
+    return jnp.sum(layout.chunk_max)
+
+
 def fine_chunk(vocab: int) -> int | None:
     """The fast sampler's chunk length for ``vocab``, or None when it would need padding."""
     return FINE_CHUNK if vocab % FINE_CHUNK == 0 else None
+
+
+def group_shape(layout: Layout) -> tuple[int, int]:
+    """``(groups, chunks_per_group)``: the groups of consecutive chunks of :func:`group_max`."""
+    per_group = max(1, GROUP_ELEMENTS // layout.chunk)
+    return -(-layout.chunks // per_group), per_group
 
 
 def group_max(layout: Layout) -> tuple[jax.Array, int]:
@@ -161,9 +246,10 @@ def group_max(layout: Layout) -> tuple[jax.Array, int]:
     Returns ``(group_max [N, groups], chunks_per_group)``; the chunk maxima are padded with
     ``-inf`` to whole groups.
     """
-    per_group = max(1, GROUP_ELEMENTS // layout.chunk)
+    groups, per_group = group_shape(layout)
+    if layout.groups_max is not None:
+        return layout.groups_max, per_group
     rows = layout.chunk_max.shape[0]
-    groups = -(-layout.chunks // per_group)
     # The barrier keeps XLA from merging this with the reduction that made chunk_max into one
     # reduction over the logits, which would read them a second time. Pairwise maxima, not a
     # reduction: XLA:CPU hands a reduction of this size to YNNPACK, whose dispatch costs more
@@ -180,6 +266,12 @@ def pad_columns(a: jax.Array, width: int, value) -> jax.Array:
     return jnp.pad(a, pad, constant_values=value)
 
 
+def _first_position(hits: jax.Array) -> jax.Array:
+    """The first true position along the last axis (the last position when none), int32."""
+    positions = jnp.arange(hits.shape[-1], dtype=jnp.float32)
+    return tree_min(jnp.where(hits, positions, hits.shape[-1] - 1.0)).astype(jnp.int32)
+
+
 def first_argmax(layout: Layout, row_max: jax.Array) -> jax.Array:
     """Index of the first maximum of each row (an all ``-inf`` row gives 0), int32 ``[N]``.
 
@@ -187,23 +279,62 @@ def first_argmax(layout: Layout, row_max: jax.Array) -> jax.Array:
     integer reductions; this narrows down with float ``min`` reductions over positions: the
     first group of chunks holding the maximum (long rows), the first chunk in it, the position.
     """
+    if layout.strided:
+        return _strided_first_argmax(layout, row_max)
     rows = row_max.shape[0]
     target = row_max[:, None]
-    first = lambda hits: tree_min(
-        jnp.where(hits, jnp.arange(hits.shape[-1], dtype=jnp.float32), hits.shape[-1] - 1.0)
-    ).astype(jnp.int32)
     if layout.chunks > GROUP_ELEMENTS:
         maxima, per_group = group_max(layout)
-        group = first(maxima == target)
+        group = _first_position(maxima == target)
         chunk_max = pad_columns(layout.chunk_max, maxima.shape[1] * per_group, -jnp.inf)
         chunk_max = jnp.take_along_axis(
             chunk_max.reshape(rows, -1, per_group), group[:, None, None], axis=1
         )[:, 0]
-        chunk = jnp.minimum(group * per_group + first(chunk_max == target), layout.chunks - 1)
+        chunk = jnp.minimum(group * per_group + _first_position(chunk_max == target), layout.chunks - 1)
     else:
-        chunk = first(layout.chunk_max == target)
-    offset = first(layout.chunk_values(chunk[:, None])[:, 0] == target)
+        chunk = _first_position(layout.chunk_max == target)
+    offset = _first_position(layout.chunk_values(chunk[:, None])[:, 0] == target)
     return jnp.minimum(chunk * layout.chunk + offset, layout.vocab - 1)
+
+
+def _strided_first_argmax(layout: Layout, row_max: jax.Array) -> jax.Array:
+    """:func:`first_argmax` on a strided layout.
+
+    The chunks holding the maximum may interleave in vocabulary order, so the first maximum is
+    the smallest token holding it among all of them: read from the chunks of the first group
+    holding it. That is exact when no other group holds it, or when the token found lies in the
+    first ``chunks`` tokens (a later group's tokens there come after it, its others after
+    those). Rows past both (the maximum tied in several groups and found only further on) take
+    one scan of the vocabulary, in a branch that runs only then.
+    """
+    rows = row_max.shape[0]
+    target = row_max[:, None]
+    maxima, per_group = group_max(layout)
+    groups = maxima.shape[1]
+    holds = maxima == target
+    group = _first_position(holds)
+    chunk_max = pad_columns(layout.chunk_max, groups * per_group, -jnp.inf)
+    chunk_max = gather_rows(chunk_max.reshape(rows, groups, per_group), group[:, None])[:, 0]
+    chunk_ids = jnp.minimum(group[:, None] * per_group + jnp.arange(per_group, dtype=jnp.int32),
+                            layout.chunks - 1)
+    hits = (layout.chunk_values(chunk_ids) == target[:, :, None]) & (chunk_max == target)[:, :, None]
+    # Token ids as float32 (exact below 2**24) for a float min, much faster than an integer one.
+    tokens = layout.chunk_tokens(chunk_ids).astype(jnp.float32)
+    width = float(layout.x.shape[1])
+    token = tree_min(jnp.where(hits, tokens, width).reshape(rows, -1))
+    exact = (tree_sum(holds.astype(jnp.float32)) <= 1) | (token < layout.chunks)
+
+    def scan():
+        # Row blocks keep the operand of the min reduction (XLA stores it first) small.
+        positions = jnp.arange(layout.x.shape[1], dtype=jnp.float32)
+        first = map_row_blocks(
+            lambda xb, tb: jnp.min(jnp.where(xb == tb[:, None], positions, width), axis=1),
+            layout.x, target[:, 0],
+        )
+        return jnp.where(exact, token, first)
+
+    token = lax.cond(jnp.all(exact), lambda: token, scan)
+    return jnp.minimum(token, layout.vocab - 1).astype(jnp.int32)
 
 
 def top_candidates(layout: Layout, count: int) -> tuple[jax.Array, jax.Array]:
@@ -218,8 +349,8 @@ def top_candidates(layout: Layout, count: int) -> tuple[jax.Array, jax.Array]:
         values, indices = _top_k(layout.x, count)
         return values, indices.astype(jnp.int32)
     _, chunk_ids = _top_k(layout.chunk_max, count)
-    flat_ids = (chunk_ids[..., None] * layout.chunk + jnp.arange(layout.chunk)).reshape(rows, -1)
-    pool = gather_rows(layout.blocks, chunk_ids).reshape(rows, -1)
+    flat_ids = layout.chunk_tokens(chunk_ids).reshape(rows, -1)
+    pool = layout.chunk_values(chunk_ids).reshape(rows, -1)
     values, positions = _top_k(pool, count)
     indices = jnp.take_along_axis(flat_ids, positions, axis=-1)
     return values, indices.astype(jnp.int32)

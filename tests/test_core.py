@@ -120,10 +120,12 @@ class TestGreedy:
 
 
 class TestGreedyTies:
-    """Greedy rows over a float32 vocabulary that 64 divides take the whole-batch path, whose
-    argmax narrows down by chunk, then position; ties must still give the first maximum."""
+    """Greedy rows over a float32 vocabulary that 64 divides take the whole-batch path. Its
+    chunks are strided (selection.make_strided_layout): at V = 1024, chunk c holds the tokens
+    c + 64 i, and groups of 16 chunks make 4 groups. Its argmax reads the chunks of the first group
+    holding the maximum; ties must still give the first maximum, however they interleave."""
 
-    SHAPE = (6, 1024)  # as in test_nonfinite: 16 chunks of 64
+    SHAPE = (6, 1024)  # as in test_nonfinite
 
     def _tied(self):
         x = np.random.default_rng(3).normal(0.0, 1.0, self.SHAPE).astype(np.float32)
@@ -143,6 +145,20 @@ class TestGreedyTies:
         assert logprobs.tolist() == [0.0] * 5 + [-np.inf]
         u = jnp.full((self.SHAPE[0],), 0.5)
         assert js.sample_from_uniform(u, jnp.asarray(x), greedy).tolist() == tokens.tolist()
+
+    def test_ties_in_more_groups_than_it_reads(self):
+        x = np.random.default_rng(4).normal(0.0, 1.0, self.SHAPE).astype(np.float32)
+        # Chunks 20, 40 and 50 (groups 1, 2, 3) at positions 7, 5 and 2: the first maximum (178)
+        # is in the third group holding it, past the one the argmax reads: a scan finds it.
+        x[0, [20 + 64 * 7, 40 + 64 * 5, 50 + 64 * 2]] = 9.0
+        # The same groups, the first maximum at position 0 of the first group: 3, read directly.
+        x[1, [3, 20 + 64 * 5, 50 + 64 * 1]] = 9.0
+        # Every group, one of them twice: 64 * 3 + 17 = 209.
+        x[2, [64 * 9 + 1, 64 * 3 + 17, 64 * 4 + 2, 64 * 6 + 33, 64 * 8 + 60]] = 9.0
+        greedy = js.SamplingParams(temperature=0.0)
+        tokens = js.sample(jax.random.key(0), jnp.asarray(x), greedy)
+        assert tokens.tolist()[:3] == [178, 3, 209]
+        assert tokens.tolist() == np.argmax(x, axis=-1).tolist()
 
     def test_nan_and_inf(self):
         x = self._tied()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jsample as js
-from jsample import cutoff, sampling
+from jsample import cutoff, sampling, selection
 
 N, V = 12, 512  # V divides into chunks of 64: the unpadded whole-batch path
 
@@ -112,9 +112,11 @@ def _columns(params):
     return [np.asarray(getattr(params, f)) for f in ("temperature", "top_k", "top_p", "min_p")]
 
 
-def _resolution(x, params, rule, candidates):
-    """``(rows, resolution)``: where the sampler answers each row of ``x`` (see cutoff.resolve)."""
-    layout = sampling.make_layout(jnp.asarray(x), 64)
+def _resolution(x, params, rule, candidates, strided):
+    """``(rows, resolution)``: where the sampler answers each row of ``x`` (see cutoff.resolve),
+    on the strided layout of ``sample`` or the layout of consecutive chunks of ``probs``."""
+    x = jnp.asarray(x)
+    layout = selection.make_strided_layout(x) if strided else sampling.make_layout(x, 64)
     rows = cutoff.prepare_rows(layout, *map(jnp.asarray, _columns(params)))
     return rows, cutoff.resolve(rows, rule, candidates)
 
@@ -158,12 +160,13 @@ def test_probs_and_draws_equal_the_definitions(rule, candidates, seed, mix):
     assert np.all(ref[np.arange(N), tokens] > 0)
 
 
-def test_every_tier_answered_some_rows():
+@pytest.mark.parametrize("strided", [True, False], ids=["strided", "consecutive"])
+def test_every_tier_answered_some_rows(strided):
     # Which tier answered each filtered row over the cases above: proof that they reach them all.
     tiers_used = {**{f"candidates x{w}": 0 for w in cutoff.TIER_WIDTHS}, "full": 0}
     for rule, candidates, seed, mix in CASES:
         params = _params(rule, candidates, shift=seed, mix=MIXES[mix])
-        rows, res = _resolution(_logits(seed), params, rule, candidates)
+        rows, res = _resolution(_logits(seed), params, rule, candidates, strided)
         for width, use in zip(cutoff.TIER_WIDTHS, res.used):
             tiers_used[f"candidates x{width}"] += int(np.asarray(use).sum())
         tiers_used["full"] += int((np.asarray(rows.filtered) & ~np.asarray(res.in_candidates)).sum())
@@ -207,8 +210,9 @@ def test_first_tier_cutoffs_over_many_rows(rule):
     probs = np.asarray(js.probs(jnp.asarray(x), params))
     assert np.array_equal(probs > 0, ref > 0)
     np.testing.assert_allclose(probs, ref, atol=2e-6, rtol=0)
-    _, res = _resolution(x, params, rule, 64)
-    assert np.asarray(res.used[0]).mean() > 0.75  # the first tier answered most of them
+    for strided in (True, False):
+        _, res = _resolution(x, params, rule, 64, strided)
+        assert np.asarray(res.used[0]).mean() > 0.75  # the first tier answered most of them
 
 
 @pytest.mark.parametrize("rule", ["inclusive", "exclusive"])
@@ -236,7 +240,8 @@ def test_cumulative_mass_exactly_at_top_p(rule):
     np.testing.assert_allclose(probs, expected, atol=1e-7, rtol=0)
 
 
-def test_a_row_past_every_tier_does_not_move_the_others():
+@pytest.mark.parametrize("strided", [True, False], ids=["strided", "consecutive"])
+def test_a_row_past_every_tier_does_not_move_the_others(strided):
     # A tier hands its rows to the next only when that one runs anyway for some row. A row that
     # no tier can take (top_k 1000: more chunks hold a token above its threshold than the
     # widest tier has slots) goes straight to the bisection, and every other row is answered by
@@ -245,7 +250,7 @@ def test_a_row_past_every_tier_does_not_move_the_others():
     wide_logits = (rng.normal(0.0, 1.0, (N, 512 * 64)) * rng.uniform(2.0, 4.0, (N, 1))).astype(np.float32)
 
     def tiers_of(mix):
-        _, res = _resolution(wide_logits, _params("inclusive", 64, mix=mix), "inclusive", 64)
+        _, res = _resolution(wide_logits, _params("inclusive", 64, mix=mix), "inclusive", 64, strided)
         return np.stack([np.asarray(u) for u in res.used]), np.asarray(res.in_candidates)
 
     with_wide = list(NARROW)
@@ -261,11 +266,12 @@ def test_a_row_past_every_tier_does_not_move_the_others():
 def test_stored_and_fused_chunk_gathers_give_the_same_candidates(rule, monkeypatch):
     # A tier gathers its chunks into a buffer when that stays within STORED_GATHER_BYTES, and
     # fuses the gather into the run maxima beyond (wide tiers of large batches). Forcing the
-    # fused path on the small cases here must change nothing, in any tier.
+    # fused path on the small cases here must change nothing, in any tier. (Chunks of
+    # consecutive tokens only: a strided layout gathers tokens, not runs.)
     x, params = _logits(0), _params(rule, 4)
-    _, stored = _resolution(x, params, rule, 4)
+    _, stored = _resolution(x, params, rule, 4, False)
     monkeypatch.setattr(cutoff, "STORED_GATHER_BYTES", 0)
-    _, fused = _resolution(x, params, rule, 4)
+    _, fused = _resolution(x, params, rule, 4, False)
     assert sum(int(np.asarray(u).sum()) for u in stored.used) > 0
     for a, b in zip(jax.tree.leaves((stored.tiers, stored.used, stored.threshold)),
                     jax.tree.leaves((fused.tiers, fused.used, fused.threshold))):
