@@ -274,7 +274,8 @@ def could_certify(rows: Rows, tier: TierThreshold, slots: int, chunk_mass: jax.A
     threshold = tier.threshold[:, None]
     fits = jnp.sum((layout.chunk_max >= threshold).astype(jnp.float32), axis=1) <= slots
     maxima = selection.group_max(layout)[0] if layout.strided else layout.chunk_max
-    reachable = jnp.sum(jnp.where(maxima >= threshold, chunk_mass, 0.0), axis=1) * (1 + 1e-4) >= rows.top_p * full_mass
+    mass_above = jnp.sum(jnp.where(maxima >= threshold, chunk_mass, 0.0), axis=1)
+    reachable = mass_above * (1 + 1e-4) >= rows.top_p * full_mass
     return fits & (rows.k_on | tier.min_p_proof | (rows.p_only & reachable))
 
 
@@ -606,7 +607,7 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
         return chunk_mass, selection.tree_sum(chunk_mass)
 
     layout = rows.layout
-    mass_sets = layout.chunk_max.shape if not layout.strided else (rows_n, selection.group_shape(layout)[0])
+    mass_sets = (rows_n, selection.group_shape(layout)[0]) if layout.strided else layout.chunk_max.shape
     chunk_mass, masses = run_if(
         jnp.any(rows.mass_rows),
         mass_pass,
