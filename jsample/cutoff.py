@@ -270,10 +270,9 @@ def could_certify(rows: Rows, tier: TierThreshold, slots: int, chunk_mass: jax.A
     mass); the sums round differently from the tier's, hence the slack. A strided layout's
     masses are those of groups of chunks (see :func:`chunk_masses`), a weaker bound.
     """
-    layout = rows.layout
     threshold = tier.threshold[:, None]
-    fits = jnp.sum((layout.chunk_max >= threshold).astype(jnp.float32), axis=1) <= slots
-    maxima = selection.group_max(layout)[0] if layout.strided else layout.chunk_max
+    fits = jnp.sum((rows.layout.chunk_max >= threshold).astype(jnp.float32), axis=1) <= slots
+    maxima = _mass_set_maxima(rows.layout)
     mass_above = jnp.sum(jnp.where(maxima >= threshold, chunk_mass, 0.0), axis=1)
     reachable = mass_above * (1 + 1e-4) >= rows.top_p * full_mass
     return fits & (rows.k_on | tier.min_p_proof | (rows.p_only & reachable))
@@ -483,6 +482,11 @@ def draw_masses(rows: Rows, threshold: jax.Array | None = None) -> jax.Array:
     )
 
 
+def _mass_set_maxima(layout: Layout) -> jax.Array:
+    """``[N, sets]``: the maxima of the sets of tokens whose masses :func:`chunk_masses` sums."""
+    return selection.group_max(layout)[0] if layout.strided else layout.chunk_max
+
+
 def chunk_masses(rows: Rows) -> jax.Array:
     """float32 ``[N, sets]``: the unnormalised probability mass of each chunk of the layout, or,
     for a strided layout, of each group of chunks (:func:`selection.group_max`).
@@ -500,11 +504,8 @@ def chunk_masses(rows: Rows) -> jax.Array:
     def block(r):
         x = r.layout.x
         w = jnp.exp(r.scaled(x.reshape(x.shape[0], layout.chunk, layout.chunks)))
-        w = jnp.where(x.reshape(w.shape) == -jnp.inf, 0.0, w)
-        while w.shape[1] > 1:
-            half = w.shape[1] // 2
-            w = w[:, :half] + w[:, half:]
-        w = selection.pad_columns(w[:, 0], groups * per_group, 0.0)
+        w = selection.down_columns(jnp.where(x.reshape(w.shape) == -jnp.inf, 0.0, w), jnp.add)
+        w = selection.pad_columns(w, groups * per_group, 0.0)
         return selection.tree_sum(w.reshape(x.shape[0], groups, per_group))
 
     return map_rows(block, rows)
@@ -606,19 +607,18 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
         chunk_mass = chunk_masses(rows)
         return chunk_mass, selection.tree_sum(chunk_mass)
 
-    layout = rows.layout
-    mass_sets = (rows_n, selection.group_shape(layout)[0]) if layout.strided else layout.chunk_max.shape
     chunk_mass, masses = run_if(
         jnp.any(rows.mass_rows),
         mass_pass,
-        (jnp.zeros(mass_sets, jnp.float32), jnp.zeros((rows_n,), jnp.float32)),
+        (jnp.zeros(_mass_set_maxima(rows.layout).shape, jnp.float32),
+         jnp.zeros((rows_n,), jnp.float32)),
     )
     mass = jnp.where(rows.mass_rows, masses, 1.0)
     tiers, used = [], []
     left = filtered
-    # The tiers' widths are capped in chunks of FINE_CHUNK tokens, whatever the layout's own.
-    blocks = rows.layout.x.shape[1] // rows.layout.draw_chunk
-    widths = tier_slots(count, blocks if rows.layout.strided else rows.layout.chunks)
+    # The tiers' widths are capped in runs of the draw's length (a strided layout's chunks are
+    # shorter): the same cap for a vocabulary whichever layout reads it.
+    widths = tier_slots(count, rows.layout.x.shape[1] // rows.layout.draw_chunk)
     no_cut = TierThreshold(jnp.zeros((rows_n,), jnp.float32), jnp.zeros((rows_n,), bool))
     # A tier's threshold, when the tier before it already found it (deciding to defer).
     found, have = no_cut, jnp.bool_(False)

@@ -203,11 +203,7 @@ def make_strided_layout(x: jax.Array) -> Layout:
         raise ValueError(f"a strided layout needs float32 logits and a vocabulary divisible "
                          f"by {FINE_CHUNK}, got {x.dtype} and {vocab}")
     columns = vocab // STRIDED_CHUNK
-    m = x.reshape(rows, STRIDED_CHUNK, columns)
-    while m.shape[1] > 1:
-        half = m.shape[1] // 2
-        m = jnp.maximum(m[:, :half], m[:, half:])
-    chunk_max = m[:, 0]
+    chunk_max = down_columns(x.reshape(rows, STRIDED_CHUNK, columns), jnp.maximum)
     layout = Layout(x, vocab, STRIDED_CHUNK, columns, chunk_max, strided=True)
     # The group maxima once, by a reduction: its operand, the loop's output, is stored once (an
     # elementwise consumer would copy the loop into itself and read the logits again), and every
@@ -215,6 +211,16 @@ def make_strided_layout(x: jax.Array) -> Layout:
     groups, per_group = group_shape(layout)
     grouped = pad_columns(chunk_max, groups * per_group, -jnp.inf).reshape(rows, groups, per_group)
     return layout._replace(groups_max=jnp.max(grouped, axis=-1))
+
+
+def down_columns(a: jax.Array, op) -> jax.Array:
+    """``[N, S, W]`` -> ``[N, W]`` (``S`` a power of two): ``op`` down the middle axis by pairwise
+    halving, which XLA fuses with ``a``'s producer into one elementwise loop vectorised along
+    ``W``. With ``jnp.maximum`` it propagates NaN, unlike XLA:CPU's ``max`` reduction."""
+    while a.shape[1] > 1:
+        half = a.shape[1] // 2
+        a = op(a[:, :half], a[:, half:])
+    return a[:, 0]
 
 
 def nan_probe(layout: Layout) -> jax.Array:
