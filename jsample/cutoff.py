@@ -445,11 +445,12 @@ def _apply_rules(rows: Rows, values: jax.Array, rule: str, full_mass: jax.Array)
     return keep_k & keep_p, weight, mass
 
 
-def map_rows(fn, rows: Rows, *per_row):
+def map_rows(fn, rows: Rows, *per_row, active: jax.Array | None = None):
     """``fn(rows_block, *per_row_block)`` over row blocks (see :func:`selection.map_row_blocks`).
 
     For passes that materialise a transform of the logits, e.g. ``exp``: the block keeps that
-    temporary small. ``fn`` returns arrays with one leading row axis.
+    temporary small. ``fn`` returns arrays with one leading row axis. With ``active`` ([N]
+    bool), blocks without an active row are skipped and give zeros.
     """
     layout = rows.layout
     fields = rows._replace(layout=layout.chunk_max)
@@ -458,27 +459,33 @@ def map_rows(fn, rows: Rows, *per_row):
         part = fields._replace(layout=layout._replace(x=x, chunk_max=fields.layout, groups_max=None))
         return fn(part, *extra)
 
-    return selection.map_row_blocks(block, layout.x, fields, *per_row)
+    return selection.map_row_blocks(block, layout.x, fields, *per_row, active=active)
 
 
-def draw_masses(rows: Rows, threshold: jax.Array | None = None) -> jax.Array:
+def draw_masses(rows: Rows, threshold: jax.Array | None = None,
+                active: jax.Array | None = None) -> jax.Array:
     """float32 ``[N, width / draw_chunk]``: the unnormalised probability mass of each run of
     :attr:`selection.Layout.draw_chunk` consecutive tokens, the draw's chunks.
 
     Tokens count when ``>= threshold`` (per row; all of them when None) and when they pass
     min-p. One ``exp`` pass over the logits in row blocks, summed in a fixed order (see
     :func:`selection.chunk_sums`), so a row's masses never depend on the rest of the batch.
+    With ``active`` ([N] bool), a row block holding no active row skips its pass and gets
+    zeros: its rows' masses must not be read.
     """
     chunk = rows.layout.draw_chunk
     if threshold is None:
         # The select keeps the exp out of XLA's vectorised reduction, which runs exp on one
         # core at a fraction of the speed of XLA's own loop. NaN keeps its weight, NaN.
         weights = lambda r: lambda v: jnp.where(v == -jnp.inf, 0.0, jnp.exp(r.scaled(v)))
-        return map_rows(lambda r: selection.chunk_sums(weights(r), r.layout.x, chunk), rows)
+        return map_rows(
+            lambda r: selection.chunk_sums(weights(r), r.layout.x, chunk), rows, active=active
+        )
     return map_rows(
         lambda r, t: selection.chunk_sums(lambda v: r.weights(v, t), r.layout.x, chunk),
         rows,
         threshold,
+        active=active,
     )
 
 
@@ -518,21 +525,25 @@ def full_mass(rows: Rows) -> jax.Array:
 
 def full_thresholds(rows: Rows, rule: str, active: jax.Array) -> jax.Array:
     """Exact per-row thresholds over the whole vocabulary by bisection (no sort)."""
-    def block(r, a):
-        return lax.cond(
-            jnp.any(a), lambda: _full_thresholds(r, rule, a), lambda: jnp.full(a.shape, LOWEST)
-        )
-
-    return map_rows(block, rows, active)
+    # Skipped blocks give zeros; their rows are inactive, whose threshold is LOWEST.
+    found = map_rows(lambda r, a: _full_thresholds(r, rule, a), rows, active, active=active)
+    return jnp.where(active, found, LOWEST)
 
 
 def _full_thresholds(rows: Rows, rule: str, active: jax.Array) -> jax.Array:
     layout = rows.layout
     x = layout.x
     # Counts are exact in any order; masses are summed in a fixed order (batch-independent).
-    total = lambda keep, w: selection.tree_sum(
-        selection.chunk_sums(lambda v: jnp.where(keep(v), w(v), 0.0), x, layout.draw_chunk)
-    )
+    # Down strided columns when the row splits into them: the masked weights are then never
+    # stored, and each of the bisection's passes reads the logits and weights once.
+    if x.shape[1] % _COLUMNS == 0:
+        total = lambda keep, w: selection.column_total(
+            lambda v: jnp.where(keep(v), w(v), 0.0), x, _COLUMNS
+        )
+    else:
+        total = lambda keep, w: selection.tree_sum(
+            selection.chunk_sums(lambda v: jnp.where(keep(v), w(v), 0.0), x, layout.draw_chunk)
+        )
     one = lambda y: jnp.ones(y.shape, jnp.float32)
     per_row = lambda v, y: v.reshape(-1, *(1,) * (y.ndim - 1))
     need_k = active & rows.k_on
@@ -548,6 +559,10 @@ def _full_thresholds(rows: Rows, rule: str, active: jax.Array) -> jax.Array:
         predicate = lambda v: total(lambda y: y >= per_row(v, y), weight_of) <= budget
     p_threshold = smallest_true(predicate, rows.row_max, active & rows.p_on)
     return jnp.maximum(k_threshold, p_threshold)
+
+
+# The strided columns of the bisection's sums (see _full_thresholds).
+_COLUMNS = 16
 
 
 def run_if(any_row: jax.Array, fn, fallback):

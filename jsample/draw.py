@@ -64,7 +64,7 @@ def draw_sorted(rows: Rows, cands: Candidates, u: jax.Array) -> tuple[jax.Array,
 
 
 def draw_chunked(
-    rows: Rows, threshold: jax.Array, u: jax.Array
+    rows: Rows, threshold: jax.Array, u: jax.Array, active: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Exact draw over the whole vocabulary: a group of chunks by its mass, then a chunk, then a
     token.
@@ -72,10 +72,11 @@ def draw_chunked(
     Tokens count when ``>= threshold`` (per row) and when they pass min-p. One ``exp`` pass gives
     the chunk masses (:func:`jsample.cutoff.draw_masses`); the rest reads one group of chunk
     masses and one chunk per row. Returns ``(token [N], logprob [N], mass [N])``: ``mass`` is
-    each row's kept mass, NaN when the row's logits hold NaN.
+    each row's kept mass, NaN when the row's logits hold NaN. With ``active`` ([N] bool), row
+    blocks without an active row skip the pass: their rows' results are meaningless.
     """
     layout = rows.layout
-    masses = cutoff.draw_masses(rows, threshold)  # [N, chunks]
+    masses = cutoff.draw_masses(rows, threshold, active)  # [N, chunks]
     chunks = masses.shape[1]
     groups = -(-chunks // _GROUP)
     masses = selection.pad_columns(masses, groups * _GROUP, 0.0).reshape(-1, groups, _GROUP)

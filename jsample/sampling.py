@@ -72,10 +72,10 @@ def _sample_layout(layout, u, params, rule, count):
         res = cutoff.resolve(rows, rule, count)
         # Rows outside the candidate tiers have no filter (threshold LOWEST) or a threshold from
         # the bisection over the vocabulary: they draw from chunk masses.
-        chunked = ~res.in_candidates & ~plain
+        chunked = (~res.in_candidates & ~plain) | rows.unfiltered
         token, logprob, mass = cutoff.run_if(
-            jnp.any(chunked | rows.unfiltered),
-            lambda: draw.draw_chunked(rows, res.threshold, u),
+            jnp.any(chunked),
+            lambda: draw.draw_chunked(rows, res.threshold, u, chunked),
             (*zeros, jnp.zeros((n,), jnp.float32)),
         )
         for tier, use in zip(res.tiers, res.used):

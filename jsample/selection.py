@@ -397,6 +397,22 @@ def chunk_sums(weights: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: i
     return jnp.sum(w, axis=-1)[:rows]
 
 
+def column_total(weights: Callable[[jax.Array], jax.Array], x: jax.Array, columns: int = 16) -> jax.Array:
+    """Sum of ``weights(x)`` over each row in a fixed order: float32 ``[N]``.
+
+    ``weights`` is elementwise and receives ``x`` (``[N, V]``, ``columns`` dividing ``V``, a
+    power of two) as ``[N, columns, V / columns]``, summed down the middle axis by
+    :func:`down_columns` (one elementwise loop, so ``weights`` is never stored) and then along
+    the row as :func:`chunk_sums` sums, so the result never depends on the batch size.
+    """
+    rows, vocab = x.shape
+    w = down_columns(weights(x.reshape(rows, columns, vocab // columns)), jnp.add)
+    padded = max(rows, -(-_VECTORISED_REDUCTION // w.shape[1]))
+    if padded > rows:
+        w = jnp.pad(w, ((0, padded - rows), (0, 0)))
+    return jnp.sum(w, axis=-1)[:rows]
+
+
 # The operand size from which XLA:CPU reduces with YNNPACK (xla/backends/cpu/ynn_support.cc).
 _VECTORISED_REDUCTION = 4096
 
@@ -544,12 +560,13 @@ def block_rows(rows: int, vocab: int) -> int:
     return max(d for d in range(1, target + 1) if rows % d == 0)
 
 
-def map_row_blocks(fn, x: jax.Array, *per_row):
+def map_row_blocks(fn, x: jax.Array, *per_row, active: jax.Array | None = None):
     """``fn(x, *per_row)`` over blocks of rows (``lax.map``), results re-joined along rows.
 
     ``x`` is ``[N, V]``; every ``per_row`` array (or pytree of arrays) has ``N`` rows. Use it for
     passes that materialise a transform of the logits, so the temporary stays one block.
-    bfloat16 ``x`` reaches ``fn`` as float32, converted block by block.
+    bfloat16 ``x`` reaches ``fn`` as float32, converted block by block. With ``active`` ([N]
+    bool), a block holding no active row is skipped at run time and gives zeros.
     """
     n, vocab = x.shape
     size = block_rows(n, vocab)
@@ -569,8 +586,23 @@ def map_row_blocks(fn, x: jax.Array, *per_row):
             )
         return fn(xb, *rest)
 
-    if size == n:
-        return block(x, *per_row)
     split = lambda a: a.reshape(n // size, size, *a.shape[1:])
-    out = lax.map(lambda args: block(*args), jax.tree.map(split, (x, *per_row)))
+    if active is None:
+        if size == n:
+            return block(x, *per_row)
+        out = lax.map(lambda args: block(*args), jax.tree.map(split, (x, *per_row)))
+        return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+
+    def maybe(index, rest, on):
+        # The block is sliced inside the branch: sliced outside, it would be copied into a
+        # buffer of its own to enter the branch, a pass over it whether or not the block runs.
+        run = lambda: block(lax.dynamic_slice_in_dim(x, index * size, size), *rest)
+        shapes = jax.eval_shape(run)
+        zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return lax.cond(jnp.any(on), run, zeros)
+
+    if size == n:
+        return maybe(0, per_row, active)
+    blocks = jnp.arange(n // size, dtype=jnp.int32)
+    out = lax.map(lambda args: maybe(*args), (blocks, jax.tree.map(split, per_row), split(active)))
     return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
