@@ -298,16 +298,23 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
 
     # Groups holding a token >= L, then their chunks holding one, then (chunks of consecutive
     # tokens) the runs of RUN tokens in those chunks holding one, then those tokens: three or
-    # four compactions of small arrays.
-    group_ids = jnp.broadcast_to(jnp.arange(groups, dtype=jnp.int32), (n, groups))
-    (group_id,), group_count = selection.compact(at_least(group_max), (group_ids,), slots, (0,))
-    chunk_max = selection.pad_columns(layout.chunk_max, groups * per_group, -jnp.inf)
-    chunk_max = selection.gather_rows(chunk_max.reshape(n, groups, per_group), group_id)
-    chunk_max = _open_slots(group_count, chunk_max)
-    chunk_ids = group_id[:, :, None] * per_group + jnp.arange(per_group, dtype=jnp.int32)
-    (chunk_id,), chunk_count = selection.compact(
-        at_least(chunk_max).reshape(n, -1), (chunk_ids.reshape(n, -1),), slots, (0,)
-    )
+    # four compactions of small arrays. A tier with slots for the chunks of as many groups as
+    # there are chunks compacts the chunks directly: the groups would only double the array.
+    if slots * per_group < layout.chunks:
+        group_ids = jnp.broadcast_to(jnp.arange(groups, dtype=jnp.int32), (n, groups))
+        (group_id,), group_count = selection.compact(
+            at_least(group_max), (group_ids,), slots, (0,)
+        )
+        chunk_max = selection.pad_columns(layout.chunk_max, groups * per_group, -jnp.inf)
+        chunk_max = selection.gather_rows(chunk_max.reshape(n, groups, per_group), group_id)
+        chunk_max = _open_slots(group_count, chunk_max).reshape(n, -1)
+        chunk_ids = (group_id[:, :, None] * per_group + jnp.arange(per_group, dtype=jnp.int32))
+        chunk_ids = chunk_ids.reshape(n, -1)
+    else:
+        group_count = jnp.zeros((n,), jnp.float32)
+        chunk_max = layout.chunk_max
+        chunk_ids = jnp.broadcast_to(jnp.arange(layout.chunks, dtype=jnp.int32), chunk_max.shape)
+    (chunk_id,), chunk_count = selection.compact(at_least(chunk_max), (chunk_ids,), slots, (0,))
     chunk_id = jnp.minimum(chunk_id, layout.chunks - 1)
     collect = _collect_strided if layout.strided else _collect_runs
     (values, indices), count, collected = collect(layout, chunk_id, chunk_count, slots, at_least)
@@ -375,11 +382,13 @@ def _collect_strided(layout: Layout, chunk_id, chunk_count, slots: int, at_least
     """:func:`_collect_runs` for a strided layout: the collected chunks' tokens directly.
 
     ``chunk_id`` is increasing, so the tokens ``c + i * chunks`` come in vocabulary order when
-    taken by ``i`` first, then by chunk: the gathered ``[slots, chunk]`` block, transposed.
+    taken by ``i`` first, then by chunk: gathered as ``[chunk, slots]``, in that order, so that
+    nothing is transposed.
     """
     n = chunk_id.shape[0]
-    values = jnp.swapaxes(_open_slots(chunk_count, layout.chunk_values(chunk_id)), 1, 2)
-    tokens = jnp.swapaxes(layout.chunk_tokens(chunk_id), 1, 2)
+    tokens = jnp.swapaxes(layout.chunk_tokens(chunk_id), 1, 2)  # [n, chunk, slots]
+    open_ = (jnp.arange(slots) < chunk_count[:, None])[:, None, :]
+    values = selection.materialize(jnp.where(open_, layout.token_values(tokens), -jnp.inf))
     found, count = selection.compact(
         at_least(values).reshape(n, -1),
         (values.reshape(n, -1), tokens.reshape(n, -1)),

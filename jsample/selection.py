@@ -88,11 +88,15 @@ class Layout(NamedTuple):
         """``[N, M]`` chunk ids (in range) -> float32 ``[N, M, chunk]`` values."""
         if self.strided:
             # One index per value: a strided chunk is not a slice.
-            rows, width = self.x.shape
-            flat = jnp.arange(rows, dtype=jnp.int32)[:, None, None] * width + self.chunk_tokens(chunk_ids)
-            values = self.x.reshape(-1).at[flat.reshape(-1)].get(mode="promise_in_bounds")
-            return values.reshape(flat.shape).astype(jnp.float32)
+            return self.token_values(self.chunk_tokens(chunk_ids))
         return gather_rows(self.blocks, chunk_ids).astype(jnp.float32)
+
+    def token_values(self, tokens: jax.Array) -> jax.Array:
+        """int32 ``[N, ...]`` token ids (in range) of each row -> their float32 values."""
+        rows, width = self.x.shape
+        flat = jnp.arange(rows, dtype=jnp.int32).reshape(-1, *(1,) * (tokens.ndim - 1)) * width + tokens
+        values = self.x.reshape(-1).at[flat.reshape(-1)].get(mode="promise_in_bounds")
+        return values.reshape(tokens.shape).astype(jnp.float32)
 
 
 def gather_rows(a: jax.Array, ids: jax.Array) -> jax.Array:
