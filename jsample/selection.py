@@ -570,7 +570,8 @@ def map_row_blocks(fn, x: jax.Array, *per_row, active: jax.Array | None = None):
     ``x`` is ``[N, V]``; every ``per_row`` array (or pytree of arrays) has ``N`` rows. Use it for
     passes that materialise a transform of the logits, so the temporary stays one block.
     bfloat16 ``x`` reaches ``fn`` as float32, converted block by block. With ``active`` ([N]
-    bool), a block holding no active row is skipped at run time and gives zeros.
+    bool), the active rows are taken first, so that only ``ceil(active / block)`` blocks run
+    (the others give zeros), wherever those rows sit in the batch.
     """
     n, vocab = x.shape
     size = block_rows(n, vocab)
@@ -597,16 +598,34 @@ def map_row_blocks(fn, x: jax.Array, *per_row, active: jax.Array | None = None):
         out = lax.map(lambda args: block(*args), jax.tree.map(split, (x, *per_row)))
         return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
 
-    def maybe(index, rest, on):
-        # The block is sliced inside the branch: sliced outside, it would be copied into a
-        # buffer of its own to enter the branch, a pass over it whether or not the block runs.
-        run = lambda: block(lax.dynamic_slice_in_dim(x, index * size, size), *rest)
+    def zeros_for(run):
         shapes = jax.eval_shape(run)
-        zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        return lax.cond(jnp.any(on), run, zeros)
+        return lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     if size == n:
-        return maybe(0, per_row, active)
-    blocks = jnp.arange(n // size, dtype=jnp.int32)
-    out = lax.map(lambda args: maybe(*args), (blocks, jax.tree.map(split, per_row), split(active)))
-    return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+        run = lambda: block(x, *per_row)
+        return lax.cond(jnp.any(active), run, zeros_for(run))
+
+    # The active rows go first (a stable order otherwise), so only the first
+    # ceil(active / size) blocks run, wherever the active rows sit in the batch.
+    order = jnp.argsort(~active, stable=True).astype(jnp.int32)
+    take = lambda a: a[order]
+
+    def maybe(ids, rest, on):
+        # The rows are sliced, or gathered when not consecutive, inside the branch: taken
+        # outside, they would be copied into a buffer of their own to enter it, whether or not
+        # the block runs; a slice is read in place by the pass.
+        sliced = lambda: block(lax.dynamic_slice_in_dim(x, ids[0], size), *rest)
+        gathered = lambda: block(x.at[ids].get(mode="promise_in_bounds"), *rest)
+        consecutive = jnp.all(ids == ids[0] + jnp.arange(size, dtype=jnp.int32))
+        branch = jnp.where(jnp.any(on), jnp.where(consecutive, 1, 2), 0)
+        return lax.switch(branch, (zeros_for(sliced), sliced, gathered))
+
+    out = lax.map(
+        lambda args: maybe(*args),
+        (split(order), jax.tree.map(lambda a: split(take(a)), per_row), split(take(active))),
+    )
+    out = jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+    # Back to the batch's order: the inverse permutation.
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return jax.tree.map(lambda a: a[inverse], out)
