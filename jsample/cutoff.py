@@ -21,11 +21,13 @@ Each row takes the first of three tiers that can prove its answer; all evaluate 
    certified when all tokens ``>= L`` fit and some filter provably drops every token below
    ``L`` (top-k: at least ``k`` tokens are ``>= L``; top-p: their mass reaches ``top_p``;
    min-p: ``L`` itself fails the min-p test).
-2. The same with 4 and then 16 times the slots (:data:`TIER_WIDTHS`, the widest at most half
-   the chunks: :func:`tier_slots`), for rows whose kept set is wider; each tier runs only for
-   the rows that need it and that it could certify (:func:`could_certify`), and hands them all
-   to the next tier when that one runs anyway and could take them (see :func:`resolve`).
-3. :func:`full_thresholds`: an exact bisection over the whole vocabulary.
+2. The same with 4 and then 16 times the slots (:data:`TIER_WIDTHS`, the widest at most one
+   slot per 128 tokens: :func:`tier_slots`; a tier with slots for every group's chunks skips
+   the groups), for rows whose kept set is wider; each tier runs only for the rows that need
+   it and that it could certify (:func:`could_certify`), and hands them all to the next tier
+   when that one runs anyway and could take them (see :func:`resolve`).
+3. :func:`full_thresholds`: an exact bisection over the whole vocabulary, in row blocks, only
+   in as many blocks as its rows fill (:func:`selection.map_row_blocks`).
 
 :func:`candidate_cutoff` (the ``lax.top_k`` candidate tier) serves the sharded sampler.
 """
@@ -459,7 +461,8 @@ def map_rows(fn, rows: Rows, *per_row, active: jax.Array | None = None):
 
     For passes that materialise a transform of the logits, e.g. ``exp``: the block keeps that
     temporary small. ``fn`` returns arrays with one leading row axis. With ``active`` ([N]
-    bool), blocks without an active row are skipped and give zeros.
+    bool), only the blocks the active rows fill run (see :func:`selection.map_row_blocks`);
+    the rows left out get zeros.
     """
     layout = rows.layout
     fields = rows._replace(layout=layout.chunk_max)
@@ -479,8 +482,8 @@ def draw_masses(rows: Rows, threshold: jax.Array | None = None,
     Tokens count when ``>= threshold`` (per row; all of them when None) and when they pass
     min-p. One ``exp`` pass over the logits in row blocks, summed in a fixed order (see
     :func:`selection.chunk_sums`), so a row's masses never depend on the rest of the batch.
-    With ``active`` ([N] bool), a row block holding no active row skips its pass and gets
-    zeros: its rows' masses must not be read.
+    With ``active`` ([N] bool), only the blocks the active rows fill run: only the active
+    rows' masses may be read (the rows left out get zeros).
     """
     chunk = rows.layout.draw_chunk
     if threshold is None:
@@ -579,11 +582,11 @@ def run_if(any_row: jax.Array, fn, fallback):
     return lax.cond(any_row, lambda _: fn(), lambda _: fallback, None)
 
 
-def tier_slots(count: int, chunks: int) -> tuple[int, ...]:
+def tier_slots(count: int, runs: int) -> tuple[int, ...]:
     """The slots of each candidate tier: ``count`` times :data:`TIER_WIDTHS`, the wider tiers
-    capped at half the ``chunks`` (or :data:`_WIDEST_TIER_MIN`); a tier no wider than the one
-    before it is dropped."""
-    cap = max(count, chunks // 2, _WIDEST_TIER_MIN)
+    capped at half the ``runs`` (the row's runs of the draw's length, see :func:`resolve`) or
+    at :data:`_WIDEST_TIER_MIN`; a tier no wider than the one before it is dropped."""
+    cap = max(count, runs // 2, _WIDEST_TIER_MIN)
     slots: list[int] = []
     for width in TIER_WIDTHS:
         size = count if width == 1 else min(width * count, cap)

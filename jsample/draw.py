@@ -72,8 +72,8 @@ def draw_chunked(
     Tokens count when ``>= threshold`` (per row) and when they pass min-p. One ``exp`` pass gives
     the chunk masses (:func:`jsample.cutoff.draw_masses`); the rest reads one group of chunk
     masses and one chunk per row. Returns ``(token [N], logprob [N], mass [N])``: ``mass`` is
-    each row's kept mass, NaN when the row's logits hold NaN. With ``active`` ([N] bool), row
-    blocks without an active row skip the pass: their rows' results are meaningless.
+    each row's kept mass, NaN when the row's logits hold NaN. With ``active`` ([N] bool), only
+    the active rows' results are meaningful (see :func:`jsample.cutoff.draw_masses`).
     """
     layout = rows.layout
     masses = cutoff.draw_masses(rows, threshold, active)  # [N, chunks]
