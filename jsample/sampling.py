@@ -73,9 +73,13 @@ def _sample_layout(layout, u, params, rule, count):
         # Rows outside the candidate tiers have no filter (threshold LOWEST) or a threshold from
         # the bisection over the vocabulary: they draw from chunk masses.
         chunked = (~res.in_candidates & ~plain) | rows.unfiltered
+        # The draw's exp pass reads only the row blocks its rows fill, except on chunks of
+        # consecutive tokens, where it may be the NaN probe (see probed below) and must read
+        # every row; the strided maxima are the probe of a strided layout.
+        drawn_rows = chunked if layout.strided else None
         token, logprob, mass = cutoff.run_if(
             jnp.any(chunked),
-            lambda: draw.draw_chunked(rows, res.threshold, u, chunked),
+            lambda: draw.draw_chunked(rows, res.threshold, u, drawn_rows),
             (*zeros, jnp.zeros((n,), jnp.float32)),
         )
         for tier, use in zip(res.tiers, res.used):

@@ -335,11 +335,12 @@ def _strided_first_argmax(layout: Layout, row_max: jax.Array) -> jax.Array:
     exact = (tree_sum(holds.astype(jnp.float32)) <= 1) | (token < layout.chunks)
 
     def scan():
-        # Row blocks keep the operand of the min reduction (XLA stores it first) small.
+        # Row blocks keep the operand of the min reduction (XLA stores it first) small; only
+        # the blocks the inexact rows fill run.
         positions = jnp.arange(layout.x.shape[1], dtype=jnp.float32)
         first = map_row_blocks(
             lambda xb, tb: jnp.min(jnp.where(xb == tb[:, None], positions, width), axis=1),
-            layout.x, target[:, 0],
+            layout.x, target[:, 0], active=~exact,
         )
         return jnp.where(exact, token, first)
 
@@ -394,11 +395,7 @@ def chunk_sums(weights: Callable[[jax.Array], jax.Array], x: jax.Array, chunk: i
     every row on the vectorised one, so a row's sums never depend on the batch size.
     """
     rows, vocab = x.shape
-    w = weights(x.reshape(rows, vocab // chunk, chunk))
-    padded = max(rows, -(-_VECTORISED_REDUCTION // vocab))
-    if padded > rows:
-        w = jnp.pad(w, ((0, padded - rows), (0, 0), (0, 0)))
-    return jnp.sum(w, axis=-1)[:rows]
+    return _vectorised_sums(weights(x.reshape(rows, vocab // chunk, chunk)))
 
 
 def column_total(weights: Callable[[jax.Array], jax.Array], x: jax.Array, columns: int = 16) -> jax.Array:
@@ -410,15 +407,21 @@ def column_total(weights: Callable[[jax.Array], jax.Array], x: jax.Array, column
     the row as :func:`chunk_sums` sums, so the result never depends on the batch size.
     """
     rows, vocab = x.shape
-    w = down_columns(weights(x.reshape(rows, columns, vocab // columns)), jnp.add)
-    padded = max(rows, -(-_VECTORISED_REDUCTION // w.shape[1]))
-    if padded > rows:
-        w = jnp.pad(w, ((0, padded - rows), (0, 0)))
-    return jnp.sum(w, axis=-1)[:rows]
+    return _vectorised_sums(down_columns(weights(x.reshape(rows, columns, vocab // columns)), jnp.add))
 
 
 # The operand size from which XLA:CPU reduces with YNNPACK (xla/backends/cpu/ynn_support.cc).
 _VECTORISED_REDUCTION = 4096
+
+
+def _vectorised_sums(w: jax.Array) -> jax.Array:
+    """Sums of ``w`` ``[N, ...]`` over its last axis, on XLA:CPU's vectorised reduction whatever
+    ``N``: rows of zeros are added while the operand is below :data:`_VECTORISED_REDUCTION`."""
+    rows = w.shape[0]
+    padded = max(rows, -(-_VECTORISED_REDUCTION // (w.size // rows)))
+    if padded > rows:
+        w = jnp.pad(w, ((0, padded - rows),) + ((0, 0),) * (w.ndim - 1))
+    return jnp.sum(w, axis=-1)[:rows]
 
 
 def materialize(v: jax.Array) -> jax.Array:
