@@ -12,20 +12,21 @@ or dropped together, so the result never depends on token order):
 
 Each row takes the first of three tiers that can prove its answer; all evaluate the same rules:
 
-1. :func:`threshold_candidates` with ``candidates`` slots: a threshold ``L`` from the maxima of
-   groups of chunks (a short bisection on a ``[rows, vocab / 256]`` array), then every token
+1. :func:`threshold_candidates` with ``candidates`` slots: a threshold ``L``, then every token
    ``>= L``, collected in vocabulary order by small compactions (groups, chunks, then the
    chunks' tokens: directly for the strided chunks of ``sample``, through runs of eight tokens
    for chunks of consecutive tokens), and the rules applied to them by pairwise comparisons.
-   No sort, no ``top_k``. The row is
+   No sort, no ``top_k``. ``L`` comes from a short bisection over chunk or group maxima: for
+   top-k rows, at least ``k`` maxima are ``>= L``; for rows with top-p and no top-k, the
+   weights of the maxima ``>= L`` already reach ``top_p`` (:func:`mass_threshold`). The row is
    certified when all tokens ``>= L`` fit and some filter provably drops every token below
    ``L`` (top-k: at least ``k`` tokens are ``>= L``; top-p: their mass reaches ``top_p``;
    min-p: ``L`` itself fails the min-p test).
 2. The same with 4 and then 16 times the slots (:data:`TIER_WIDTHS`, the widest at most one
    slot per 128 tokens: :func:`tier_slots`; a tier with slots for every group's chunks skips
-   the groups), for rows whose kept set is wider; each tier runs only for the rows that need
-   it and that it could certify (:func:`could_certify`), and hands them all to the next tier
-   when that one runs anyway and could take them (see :func:`resolve`).
+   the groups), for rows whose kept set is wider. A row tries a tier only when what it
+   collects could fit there, and these tiers run only over the row blocks their rows fill
+   (see :func:`resolve`).
 3. :func:`full_thresholds`: an exact bisection over the whole vocabulary, in row blocks, only
    in as many blocks as its rows fill (:func:`selection.map_row_blocks`).
 
@@ -221,32 +222,72 @@ class TierThreshold(NamedTuple):
     min_p_proof: jax.Array  # [N] bool: min-p alone drops every token below the threshold
 
 
-def tier_threshold(rows: Rows, slots: int) -> TierThreshold:
+def mass_threshold(rows: Rows, full_mass: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For rows with top-p and no top-k: a threshold ``L`` whose tokens provably reach the mass.
+
+    Each chunk whose maximum is ``>= L`` holds at least that maximum's weight, so the sum of
+    those weights is a lower bound on the mass of the tokens ``>= L``. ``L`` is about the
+    largest threshold at which that bound reaches ``top_p`` of the row's mass (with a margin
+    for rounding): its tokens then always reach it too, and they are few, about as many as the
+    row keeps. Counted on the tokens themselves for short rows.
+
+    Returns ``(threshold [N], chunks [N], reached [N])``: ``chunks`` (float32) counts the
+    chunks whose maximum is ``>= L``, the fewest slots a tier needs; ``reached`` is False where
+    the bound misses even at the bottom of the searched span (no tier can certify that row).
+    """
+    layout = rows.layout
+    if layout.chunks >= _SEARCH_ENTRIES or layout.chunks * layout.chunk > 4 * _SEARCH_ENTRIES:
+        maxima = layout.chunk_max
+    else:
+        maxima = layout.own_x.astype(jnp.float32)
+    finite = maxima > -jnp.inf
+    weight = jnp.where(finite, jnp.exp(rows.scaled(maxima)), 0.0)
+    target = rows.top_p * full_mass * (1 + _MASS_MARGIN)
+    lowest = jnp.min(jnp.where(finite, maxima, rows.row_max[:, None]), axis=1)
+    span = jnp.minimum(rows.row_max - lowest, SEARCH_SPAN * jnp.maximum(rows.temperature, 1.0))
+    threshold = selection.materialize(
+        selection.bisect_threshold(maxima, weight, target, rows.row_max, span)
+    )
+    above = maxima >= threshold[:, None]
+    reached = jnp.sum(jnp.where(above, weight, 0.0), axis=1) >= target
+    chunks = jnp.sum((layout.chunk_max >= threshold[:, None]).astype(jnp.float32), axis=1)
+    return threshold, chunks, reached
+
+
+# The relative margin by which the mass bound of mass_threshold must pass top_p: the tier sums
+# the same weights in another order.
+_MASS_MARGIN = 1e-4
+
+
+def tier_threshold(rows: Rows, slots: int, p_threshold: jax.Array) -> TierThreshold:
     """The threshold ``L`` of a tier with ``slots`` slots (see :func:`threshold_candidates`).
 
-    The largest L with at least k tokens at or above it (top-k rows), or with about half the
-    slots' worth (top-p rows: the largest tokens hold the most mass, so they are the likeliest
-    set to reach top_p within the slots; half leaves room for what the count misses). Counted
-    on group maxima for long rows (a maximum >= L is a token >= L, so the count is a lower
-    bound), on chunk maxima or the tokens themselves when there are too few groups to count
-    (or too few for the slots: a count that cannot reach its target leaves L far too low).
+    For top-k rows, the largest L with at least k tokens at or above it, counted on group maxima
+    for long rows (a maximum >= L is a token >= L, so the count is a lower bound), on chunk
+    maxima or the tokens themselves when there are too few groups to count (or too few for the
+    slots: a count that cannot reach its target leaves L far too low). For rows with top-p and
+    no top-k, ``p_threshold`` (:func:`mass_threshold`, the same for every tier).
     """
     layout = rows.layout
     group_max, _ = selection.group_max(layout)
     groups = group_max.shape[1]
-    p_only = rows.p_only
     if groups >= max(_SEARCH_ENTRIES, 2 * slots):
         maxima = group_max
     elif layout.chunks >= _SEARCH_ENTRIES or layout.chunks * layout.chunk > 4 * _SEARCH_ENTRIES:
         maxima = layout.chunk_max
     else:
-        maxima = layout.x.astype(jnp.float32)
-    finite = maxima > -jnp.inf
-    target = jnp.where(p_only, 0.5 * slots, rows.top_k.astype(jnp.float32))
-    lowest = jnp.min(jnp.where(finite, maxima, rows.row_max[:, None]), axis=1)
-    span = jnp.minimum(rows.row_max - lowest, SEARCH_SPAN * jnp.maximum(rows.temperature, 1.0))
-    searched = selection.bisect_threshold(maxima, jnp.ones_like(maxima), target, rows.row_max, span)
-    threshold = jnp.where(rows.k_on | p_only, searched, -jnp.inf)
+        maxima = layout.own_x.astype(jnp.float32)
+
+    def count_threshold():
+        finite = maxima > -jnp.inf
+        lowest = jnp.min(jnp.where(finite, maxima, rows.row_max[:, None]), axis=1)
+        span = jnp.minimum(rows.row_max - lowest, SEARCH_SPAN * jnp.maximum(rows.temperature, 1.0))
+        return selection.bisect_threshold(
+            maxima, jnp.ones_like(maxima), rows.top_k.astype(jnp.float32), rows.row_max, span
+        )
+
+    searched = run_if(jnp.any(rows.k_on), count_threshold, jnp.zeros_like(rows.row_max))
+    threshold = jnp.where(rows.k_on, searched, jnp.where(rows.p_only, p_threshold, -jnp.inf))
     # min-p keeps exp((x - max) / T) >= min_p: x >= max + T log(min_p), less a margin for the
     # rounding of that expression (the exact test runs on the candidates).
     # Rows with top-k and top-p renormalise over the whole top-k set, so they must collect it:
@@ -260,28 +301,18 @@ def tier_threshold(rows: Rows, slots: int) -> TierThreshold:
     return TierThreshold(threshold, m_on & (jnp.exp(rows.scaled(threshold)) < rows.min_p))
 
 
-def could_certify(rows: Rows, tier: TierThreshold, slots: int, chunk_mass: jax.Array,
-                  full_mass: jax.Array) -> jax.Array:
-    """[N] bool: False for rows that the tier provably cannot certify, so it need not run for them.
+class TierResult(NamedTuple):
+    """What a candidate tier found (see :func:`threshold_candidates`)."""
 
-    A necessary condition, never a sufficient one (the tier decides): the chunks whose maximum
-    is ``>= L`` each hold a token ``>= L``, so more of them than slots cannot fit; and a top-p
-    row without top-k, unless min-p proves its cut, needs the tokens ``>= L`` to reach
-    ``top_p * full_mass``, which they cannot when even the whole chunks holding them do not.
-    ``chunk_mass`` (:func:`chunk_masses`) holds the weights of all tokens (the exp pass of the full
-    mass); the sums round differently from the tier's, hence the slack. A strided layout's
-    masses are those of groups of chunks (see :func:`chunk_masses`), a weaker bound.
-    """
-    threshold = tier.threshold[:, None]
-    fits = jnp.sum((rows.layout.chunk_max >= threshold).astype(jnp.float32), axis=1) <= slots
-    maxima = _mass_set_maxima(rows.layout)
-    mass_above = jnp.sum(jnp.where(maxima >= threshold, chunk_mass, 0.0), axis=1)
-    reachable = mass_above * (1 + 1e-4) >= rows.top_p * full_mass
-    return fits & (rows.k_on | tier.min_p_proof | (rows.p_only & reachable))
+    candidates: Candidates
+    # [N] float32: the slots the row needs, a lower bound when its collection overflowed
+    needed: jax.Array
+    # [N] bool: some filter drops every token below the tier's threshold (top-k, top-p, min-p)
+    proved: jax.Array
 
 
 def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array,
-                         tier: TierThreshold) -> Candidates:
+                         tier: TierThreshold) -> TierResult:
     """A candidate tier: every token at or above a per-row threshold, in vocabulary order.
 
     ``full_mass`` is ``sum(exp(scaled))`` over the vocabulary, read by rows with top-p and no
@@ -319,8 +350,8 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     (chunk_id,), chunk_count = selection.compact(at_least(chunk_max), (chunk_ids,), slots, (0,))
     chunk_id = jnp.minimum(chunk_id, layout.chunks - 1)
     collect = _collect_strided if layout.strided else _collect_runs
-    (values, indices), count, collected = collect(layout, chunk_id, chunk_count, slots, at_least)
-    fits = (group_count <= slots) & (chunk_count <= slots) & collected & (count <= slots)
+    (values, indices), count, runs_needed = collect(layout, chunk_id, chunk_count, slots, at_least)
+    fits = (jnp.maximum(group_count, chunk_count) <= slots) & (jnp.maximum(count, runs_needed) <= slots)
 
     # Pairwise comparisons are cheapest for the usual slot counts; their [N, M, M] arrays
     # outgrow a bisection over the candidates for wide tiers.
@@ -329,13 +360,15 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     taken = selection.tree_sum(jnp.where(values > -jnp.inf, weight, 0.0))
     enough_p = taken >= rows.top_p * full_mass if rule == "inclusive" else taken > rows.top_p * full_mass
     proof = (rows.k_on & (count >= rows.top_k)) | (p_only & enough_p) | tier.min_p_proof
-    return Candidates(
+    cands = Candidates(
         values=values,
         indices=indices,
         keep=keep_kp & (weight >= rows.min_p[:, None]),
         threshold=selection.tree_min(jnp.where(keep_kp, values, jnp.inf)),
         certified=fits & proof,
     )
+    needed = jnp.maximum(jnp.maximum(group_count, chunk_count), jnp.maximum(count, runs_needed))
+    return TierResult(cands, needed, proof)
 
 
 def _open_slots(count: jax.Array, a: jax.Array) -> jax.Array:
@@ -349,7 +382,8 @@ def _collect_runs(layout: Layout, chunk_id, chunk_count, slots: int, at_least):
     """The tokens ``>= L`` of the collected chunks of a layout of consecutive tokens, in
     vocabulary order: the runs of :data:`selection.RUN` tokens holding one, then their tokens.
 
-    Returns ``((values, token ids) [N, slots] each, count [N], runs fit [N])``.
+    Returns ``((values, token ids) [N, slots] each, count [N], runs [N])``: the counts of
+    tokens and runs ``>= L`` (float32), which may exceed ``slots``.
     """
     n = chunk_id.shape[0]
     run = selection.RUN if layout.chunk % selection.RUN == 0 else layout.chunk
@@ -367,8 +401,10 @@ def _collect_runs(layout: Layout, chunk_id, chunk_count, slots: int, at_least):
     run_ids = jnp.broadcast_to(jnp.arange(slots * per_chunk, dtype=jnp.int32), run_max.shape)
     (run_id,), run_count = selection.compact(at_least(run_max), (run_ids,), slots, (0,))
     global_run = jnp.take_along_axis(chunk_id, run_id // per_chunk, axis=1) * per_chunk + run_id % per_chunk
-    all_runs = layout.x.reshape(n, -1, run)
-    runs = _open_slots(run_count, selection.gather_rows(all_runs, global_run).astype(jnp.float32))
+    all_runs = layout.x.reshape(layout.x.shape[0], -1, run)
+    runs = _open_slots(
+        run_count, selection.gather_rows(all_runs, global_run, layout.row_ids).astype(jnp.float32)
+    )
     first_token = global_run * run
     token_ids = first_token[:, :, None] + jnp.arange(run, dtype=jnp.int32)
     found, count = selection.compact(
@@ -377,7 +413,7 @@ def _collect_runs(layout: Layout, chunk_id, chunk_count, slots: int, at_least):
         slots,
         (-jnp.inf, 0),
     )
-    return found, count, run_count <= slots
+    return found, count, run_count
 
 
 def _collect_strided(layout: Layout, chunk_id, chunk_count, slots: int, at_least):
@@ -397,7 +433,7 @@ def _collect_strided(layout: Layout, chunk_id, chunk_count, slots: int, at_least
         slots,
         (-jnp.inf, 0),
     )
-    return found, count, jnp.ones((n,), bool)
+    return found, count, jnp.zeros((n,), jnp.float32)
 
 
 def _bisected_rules(rows: Rows, values: jax.Array, rule: str, full_mass: jax.Array):
@@ -499,11 +535,6 @@ def draw_masses(rows: Rows, threshold: jax.Array | None = None,
         threshold,
         active=active,
     )
-
-
-def _mass_set_maxima(layout: Layout) -> jax.Array:
-    """``[N, sets]``: the maxima of the sets of tokens whose masses :func:`chunk_masses` sums."""
-    return selection.group_max(layout)[0] if layout.strided else layout.chunk_max
 
 
 def chunk_masses(rows: Rows) -> jax.Array:
@@ -624,66 +655,52 @@ def _no_candidates(rows_n: int, slots: int) -> Candidates:
 def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     """Per-row cutoffs, each row from the first tier that certifies it.
 
-    Rows that are greedy, invalid or unfiltered get threshold ``LOWEST`` and no tier. Every
-    tier runs only when some row needs it, so a batch pays for the tiers its rows take; a tier
-    whose rows the next tier could all take, when that one runs anyway, leaves them to it.
+    Rows that are greedy, invalid or unfiltered get threshold ``LOWEST`` and no tier. A row
+    tries a tier only when its collection could fit there: rows with top-p and no top-k know
+    from :func:`mass_threshold` how many chunks they collect, the others learn it from the
+    first tier they try. The first tier runs over the whole batch, the wider ones only over the
+    row blocks their rows fill (:func:`selection.map_row_subsets`), so a batch pays for each
+    tier about in proportion to the rows that take it.
     """
     rows_n = rows.row_max.shape[0]
     filtered = rows.filtered
-    def mass_pass():
-        chunk_mass = chunk_masses(rows)
-        return chunk_mass, selection.tree_sum(chunk_mass)
-
-    chunk_mass, masses = run_if(
-        jnp.any(rows.mass_rows),
-        mass_pass,
-        (jnp.zeros(_mass_set_maxima(rows.layout).shape, jnp.float32),
-         jnp.zeros((rows_n,), jnp.float32)),
+    masses = run_if(
+        jnp.any(rows.mass_rows), lambda: full_mass(rows), jnp.zeros((rows_n,), jnp.float32)
     )
     mass = jnp.where(rows.mass_rows, masses, 1.0)
-    tiers, used = [], []
-    left = filtered
     # The tiers' widths are capped in runs of the draw's length (a strided layout's chunks are
     # shorter): the same cap for a vocabulary whichever layout reads it.
     widths = tier_slots(count, rows.layout.x.shape[1] // rows.layout.draw_chunk)
-    no_cut = TierThreshold(jnp.zeros((rows_n,), jnp.float32), jnp.zeros((rows_n,), bool))
-    # A tier's threshold, when the tier before it already found it (deciding to defer).
-    found, have = no_cut, jnp.bool_(False)
-    for slots, wider in zip(widths, (*widths[1:], None)):
-
-        # A tier runs for the rows left that it could certify; the others go on to the next.
-        def attempt(left=left, slots=slots, wider=wider, found=found, have=have):
-            cut = lax.cond(have, lambda: found, lambda: tier_threshold(rows, slots))
-            try_here = left & could_certify(rows, cut, slots, chunk_mass, mass)
-            next_cut, next_have = no_cut, jnp.bool_(False)
-            if wider is not None:
-                # When the next tier will run anyway, for a row this one cannot take, and it
-                # could take every row this one could, it takes them all: a tier costs about
-                # the same for one row as for the batch.
-                def next_takes_all():
-                    cut = tier_threshold(rows, wider)
-                    there = could_certify(rows, cut, wider, chunk_mass, mass)
-                    defer = jnp.any(left & ~try_here & there) & jnp.all(~try_here | there)
-                    return defer, cut
-
-                next_have = jnp.any(left & ~try_here)
-                defer, next_cut = run_if(next_have, next_takes_all, (jnp.bool_(False), no_cut))
-                try_here = try_here & ~defer
-            tier = run_if(
-                jnp.any(try_here),
-                lambda: threshold_candidates(rows, slots, rule, mass, cut),
-                _no_candidates(rows_n, slots),
+    mass_cut = rows.p_only & filtered
+    zeros = jnp.zeros((rows_n,), jnp.float32)
+    p_threshold, needed, reached = run_if(
+        jnp.any(mass_cut),
+        lambda: mass_threshold(rows, mass),
+        (zeros, zeros, jnp.ones((rows_n,), bool)),
+    )
+    needed = jnp.where(mass_cut, needed, 0.0)  # unknown: 0, the first tier finds out
+    # A top-p row whose mass bound misses, or whose tokens >= L did not reach top_p in a tier,
+    # would miss in every tier (they share its threshold): it goes to the bisection.
+    left = filtered & (reached | ~mass_cut)
+    tiers, used = [], []
+    for i, slots in enumerate(widths):
+        try_here = left & (needed <= slots)
+        if i == 0:
+            tier = functools.partial(_tier, rows, slots, rule, mass, p_threshold)
+        else:
+            tier = functools.partial(
+                _tier_by_blocks, rows, slots, rule, mass, p_threshold, try_here
             )
-            return tier, try_here & tier.certified, next_cut, next_have
-
-        tier, answered, found, have = run_if(
-            jnp.any(left),
-            attempt,
-            (_no_candidates(rows_n, slots), jnp.zeros((rows_n,), bool), no_cut, jnp.bool_(False)),
+        found = run_if(
+            jnp.any(try_here), tier, TierResult(_no_candidates(rows_n, slots), zeros, zeros > 0)
         )
-        tiers.append(tier)
+        answered = try_here & found.candidates.certified
+        tiers.append(found.candidates)
         used.append(answered)
-        left = left & ~answered
+        needed = jnp.where(try_here, jnp.maximum(needed, found.needed), needed)
+        hopeless = try_here & ~found.proved & mass_cut
+        left = left & ~answered & ~hopeless
+    left = filtered & ~functools.reduce(jnp.logical_or, used)
     full = run_if(
         jnp.any(left),
         lambda: full_thresholds(rows, rule, left),
@@ -693,3 +710,29 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     for tier, use in zip(reversed(tiers), reversed(used)):
         threshold = jnp.where(use, tier.threshold, threshold)
     return Resolution(tuple(tiers), tuple(used), threshold, jnp.sum(masses))
+
+
+def _tier(rows: Rows, slots: int, rule: str, full_mass: jax.Array,
+          p_threshold: jax.Array) -> TierResult:
+    """:func:`threshold_candidates` with its :func:`tier_threshold`."""
+    cut = tier_threshold(rows, slots, p_threshold)
+    return threshold_candidates(rows, slots, rule, full_mass, cut)
+
+
+def _tier_by_blocks(rows: Rows, slots: int, rule: str, full_mass: jax.Array,
+                    p_threshold: jax.Array, active: jax.Array) -> TierResult:
+    """:func:`_tier` over the row blocks the ``active`` rows fill.
+
+    Each block reads the logits of its rows through gathers (:meth:`Layout.take_rows`); the
+    rows of blocks that do not run get an empty, uncertified result.
+    """
+    def block(ids):
+        return _tier(take_rows(rows, ids), slots, rule, full_mass[ids], p_threshold[ids])
+
+    size = selection.subset_rows(active.shape[0])
+    return selection.map_row_subsets(block, active, size)
+
+
+def take_rows(rows: Rows, ids: jax.Array) -> Rows:
+    """The rows ``ids`` ([n] int32) of ``rows``; the logits stay whole (see :meth:`Layout.take_rows`)."""
+    return Rows(rows.layout.take_rows(ids), *(field[ids] for field in rows[1:]))

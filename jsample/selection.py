@@ -61,6 +61,21 @@ class Layout(NamedTuple):
     strided: bool = False
     # [N, groups]: group_max(self), when computed once up front (strided layouts).
     groups_max: jax.Array | None = None
+    # [n] int32: for a layout of some of the rows (take_rows), the row of ``x`` each one reads.
+    # ``x`` stays whole; ``chunk_max`` and ``groups_max`` are those rows' own.
+    row_ids: jax.Array | None = None
+
+    @property
+    def own_x(self) -> jax.Array:
+        """This layout's rows of ``x`` (a copy for a layout of some rows: short rows only)."""
+        return self.x if self.row_ids is None else self.x[self.row_ids]
+
+    def take_rows(self, ids: jax.Array) -> "Layout":
+        """The layout of rows ``ids`` ([n] int32): their maxima are gathered, the logits are not
+        (the consumers read them through gathers that :attr:`row_ids` points at)."""
+        row_ids = ids if self.row_ids is None else self.row_ids[ids]
+        groups_max = None if self.groups_max is None else self.groups_max[ids]
+        return self._replace(chunk_max=self.chunk_max[ids], groups_max=groups_max, row_ids=row_ids)
 
     @property
     def blocks(self) -> jax.Array:
@@ -89,24 +104,28 @@ class Layout(NamedTuple):
         if self.strided:
             # One index per value: a strided chunk is not a slice.
             return self.token_values(self.chunk_tokens(chunk_ids))
-        return gather_rows(self.blocks, chunk_ids).astype(jnp.float32)
+        return gather_rows(self.blocks, chunk_ids, self.row_ids).astype(jnp.float32)
 
     def token_values(self, tokens: jax.Array) -> jax.Array:
         """int32 ``[N, ...]`` token ids (in range) of each row -> their float32 values."""
         rows, width = self.x.shape
-        flat = jnp.arange(rows, dtype=jnp.int32).reshape(-1, *(1,) * (tokens.ndim - 1)) * width + tokens
+        row_ids = jnp.arange(rows, dtype=jnp.int32) if self.row_ids is None else self.row_ids
+        flat = row_ids.reshape(-1, *(1,) * (tokens.ndim - 1)) * width + tokens
         values = self.x.reshape(-1).at[flat.reshape(-1)].get(mode="promise_in_bounds")
         return values.reshape(tokens.shape).astype(jnp.float32)
 
 
-def gather_rows(a: jax.Array, ids: jax.Array) -> jax.Array:
+def gather_rows(a: jax.Array, ids: jax.Array, row_ids: jax.Array | None = None) -> jax.Array:
     """``a[n, ids[n, m], :]`` for ``a`` ``[N, R, C]`` and in-range ``ids`` ``[N, M]`` -> ``[N, M, C]``.
 
     One contiguous slice per id, gathered from the flattened array: several times faster on CPU
-    than ``take_along_axis``, whose gather computes an index per element.
+    than ``take_along_axis``, whose gather computes an index per element. With ``row_ids``
+    ([n] int32), row ``i`` of ``ids`` reads row ``row_ids[i]`` of ``a``.
     """
     rows, r, c = a.shape
-    flat = (jnp.arange(rows, dtype=jnp.int32)[:, None] * r + ids).reshape(-1)
+    if row_ids is None:
+        row_ids = jnp.arange(rows, dtype=jnp.int32)
+    flat = (row_ids[:, None] * r + ids).reshape(-1)
     return a.reshape(rows * r, c).at[flat].get(mode="promise_in_bounds").reshape(*ids.shape, c)
 
 
@@ -632,3 +651,32 @@ def map_row_blocks(fn, x: jax.Array, *per_row, active: jax.Array | None = None):
     # Back to the batch's order: the inverse permutation.
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=jnp.int32))
     return jax.tree.map(lambda a: a[inverse], out)
+
+
+def map_row_subsets(fn, active: jax.Array, size: int):
+    """``fn(ids)`` for blocks of ``size`` row ids, only as many blocks as the ``active`` rows fill.
+
+    ``active`` is ``[N]`` bool; ``fn`` takes ``[size]`` int32 row ids and returns arrays (a
+    pytree) with ``size`` leading rows. The active rows go first (a stable order otherwise), so
+    ``ceil(active / size)`` blocks run; the rows of the blocks that do not run get zeros.
+    Results come back in the batch's order. For work that reads the logits only through
+    gathers (see :meth:`Layout.take_rows`), so that no block of logits is copied.
+    """
+    n = active.shape[0]
+    order = jnp.argsort(~active, stable=True).astype(jnp.int32)
+    run = lambda ids: fn(ids)
+    shapes = jax.eval_shape(run, order[:size])
+    zeros = lambda ids: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    split = lambda a: a.reshape(n // size, size, *a.shape[1:])
+    out = lax.map(
+        lambda args: lax.cond(jnp.any(args[1]), run, zeros, args[0]),
+        (split(order), split(active[order])),
+    )
+    out = jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return jax.tree.map(lambda a: a[inverse], out)
+
+
+def subset_rows(rows: int, target: int = 8) -> int:
+    """Rows per block of :func:`map_row_subsets`: the largest divisor of ``rows`` up to ``target``."""
+    return max(d for d in range(1, min(rows, target) + 1) if rows % d == 0)
