@@ -50,7 +50,7 @@ from jsample.selection import LOWEST, Layout, first_argmax, smallest_true, top_c
 SEARCH_SPAN = 64.0
 # The candidate tiers' slots, in multiples of ``candidates``: a row takes the first tier that
 # holds its kept set, and the exact bisection over the vocabulary only past the last one.
-TIER_WIDTHS = (1, 4, 16)
+TIER_WIDTHS = (1, 4, 16, 32)
 # The wider tiers collect at most half the chunks of a long vocabulary (at least this many
 # slots): past that a tier reads about as much as the bisection over the vocabulary, and its
 # temporaries, tens of MB, push XLA's per-call buffer past glibc's mmap threshold, so that
@@ -334,20 +334,16 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     # four compactions of small arrays. A tier with slots for the chunks of as many groups as
     # there are chunks compacts the chunks directly: the groups would only double the array.
     if slots * per_group < layout.chunks:
-        group_ids = jnp.broadcast_to(jnp.arange(groups, dtype=jnp.int32), (n, groups))
-        (group_id,), group_count = selection.compact(
-            at_least(group_max), (group_ids,), slots, (0,)
-        )
+        group_id, group_count = selection.compact(at_least(group_max), slots)
         chunk_max = selection.pad_columns(layout.chunk_max, groups * per_group, -jnp.inf)
         chunk_max = selection.gather_rows(chunk_max.reshape(n, groups, per_group), group_id)
         chunk_max = _open_slots(group_count, chunk_max).reshape(n, -1)
-        chunk_ids = (group_id[:, :, None] * per_group + jnp.arange(per_group, dtype=jnp.int32))
-        chunk_ids = chunk_ids.reshape(n, -1)
+        source, chunk_count = selection.compact(at_least(chunk_max), slots)
+        group = jnp.take_along_axis(group_id, source // per_group, axis=1)
+        chunk_id = group * per_group + source % per_group
     else:
         group_count = jnp.zeros((n,), jnp.float32)
-        chunk_max = layout.chunk_max
-        chunk_ids = jnp.broadcast_to(jnp.arange(layout.chunks, dtype=jnp.int32), chunk_max.shape)
-    (chunk_id,), chunk_count = selection.compact(at_least(chunk_max), (chunk_ids,), slots, (0,))
+        chunk_id, chunk_count = selection.compact(at_least(layout.chunk_max), slots)
     chunk_id = jnp.minimum(chunk_id, layout.chunks - 1)
     collect = _collect_strided if layout.strided else _collect_runs
     (values, indices), count, runs_needed = collect(layout, chunk_id, chunk_count, slots, at_least)
@@ -398,20 +394,18 @@ def _collect_runs(layout: Layout, chunk_id, chunk_count, slots: int, at_least):
     run_max = selection.tree_max(
         _open_slots(chunk_count, chunk_values).reshape(n, slots * per_chunk, run)
     )
-    run_ids = jnp.broadcast_to(jnp.arange(slots * per_chunk, dtype=jnp.int32), run_max.shape)
-    (run_id,), run_count = selection.compact(at_least(run_max), (run_ids,), slots, (0,))
+    run_id, run_count = selection.compact(at_least(run_max), slots)
     global_run = jnp.take_along_axis(chunk_id, run_id // per_chunk, axis=1) * per_chunk + run_id % per_chunk
     all_runs = layout.x.reshape(layout.x.shape[0], -1, run)
     runs = _open_slots(
         run_count, selection.gather_rows(all_runs, global_run, layout.row_ids).astype(jnp.float32)
     )
-    first_token = global_run * run
-    token_ids = first_token[:, :, None] + jnp.arange(run, dtype=jnp.int32)
-    found, count = selection.compact(
-        at_least(runs).reshape(n, -1),
-        (runs.reshape(n, -1), token_ids.reshape(n, -1)),
-        slots,
-        (-jnp.inf, 0),
+    source, count = selection.compact(at_least(runs).reshape(n, -1), slots)
+    open_ = jnp.arange(slots) < count[:, None]
+    token = jnp.take_along_axis(global_run, source // run, axis=1) * run + source % run
+    found = (
+        jnp.where(open_, selection.take_positions(runs, source), -jnp.inf),
+        jnp.where(open_, token, 0),
     )
     return found, count, run_count
 
@@ -427,11 +421,13 @@ def _collect_strided(layout: Layout, chunk_id, chunk_count, slots: int, at_least
     tokens = jnp.swapaxes(layout.chunk_tokens(chunk_id), 1, 2)  # [n, chunk, slots]
     open_ = (jnp.arange(slots) < chunk_count[:, None])[:, None, :]
     values = selection.materialize(jnp.where(open_, layout.token_values(tokens), -jnp.inf))
-    found, count = selection.compact(
-        at_least(values).reshape(n, -1),
-        (values.reshape(n, -1), tokens.reshape(n, -1)),
-        slots,
-        (-jnp.inf, 0),
+    source, count = selection.compact(at_least(values).reshape(n, -1), slots)
+    # Entry i * slots + j is token chunk_id[j] + i * chunks.
+    token = jnp.take_along_axis(chunk_id, source % slots, axis=1) + (source // slots) * layout.chunks
+    filled = jnp.arange(slots) < count[:, None]
+    found = (
+        jnp.where(filled, selection.take_positions(values, source), -jnp.inf),
+        jnp.where(filled, token, 0),
     )
     return found, count, jnp.zeros((n,), jnp.float32)
 
@@ -617,7 +613,7 @@ def tier_slots(count: int, runs: int) -> tuple[int, ...]:
     """The slots of each candidate tier: ``count`` times :data:`TIER_WIDTHS`, the wider tiers
     capped at half the ``runs`` (the row's runs of the draw's length, see :func:`resolve`) or
     at :data:`_WIDEST_TIER_MIN`; a tier no wider than the one before it is dropped."""
-    cap = max(count, runs // 2, _WIDEST_TIER_MIN)
+    cap = max(count, runs, _WIDEST_TIER_MIN)
     slots: list[int] = []
     for width in TIER_WIDTHS:
         size = count if width == 1 else min(width * count, cap)

@@ -485,31 +485,40 @@ def prefix_sum(a: jax.Array, block: int = 16) -> jax.Array:
     return (local + before[:, :, None]).reshape(rows, -1)[:, :n]
 
 
-def compact(
-    flags: jax.Array, payload: Sequence[jax.Array], slots: int, fill: Sequence
-) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """Moves the flagged entries of each row to the front, keeping their order.
+def compact(flags: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
+    """The positions of the flagged entries of each row, in order, moved to the front.
 
-    ``flags`` bool ``[N, n]``; ``payload`` arrays ``[N, n]``. Returns ``(outputs, count)``:
-    each output ``[N, slots]`` holds the first ``slots`` flagged entries of its payload, then
-    ``fill``; ``count`` (float32 ``[N]``) is the number of flagged entries, which may exceed
-    ``slots`` (the caller checks). A prefix count gives every flagged entry its slot and one
-    scatter writes it; no sort.
+    ``flags`` bool ``[N, n]``. Returns ``(source, count)``: ``source`` (int32 ``[N, slots]``)
+    holds the positions of the first ``slots`` flagged entries, then 0; ``count`` (float32
+    ``[N]``) is the number of flagged entries, which may exceed ``slots`` (the caller checks).
+    A prefix count gives every flagged entry its slot and one scatter writes its position; the
+    caller gathers what it needs from those positions (:func:`take_positions`) or computes it
+    from them. No sort. One scatter of positions rather than one per payload: XLA:CPU copies
+    each payload into an ``[entries, 1]`` buffer for its scatter, a pass of its own.
     """
-    rows = flags.shape[0]
+    rows, n = flags.shape
     position = prefix_sum(flags.astype(jnp.float32))
     count = position[:, -1]
     # One flat index per entry (no [entries, 2] index array); unflagged entries land in a
     # spare slot per row that is cut off afterwards.
     row_start = jnp.arange(rows, dtype=jnp.int32)[:, None] * (slots + 1)
     slot = row_start + jnp.where(flags, jnp.minimum(position - 1, slots), slots).astype(jnp.int32)
-    outputs = tuple(
-        jnp.full((rows * (slots + 1),), value, a.dtype)
-        .at[slot.reshape(-1)].set(a.reshape(-1), mode="promise_in_bounds")
+    entries = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n))
+    source = (
+        jnp.zeros((rows * (slots + 1),), jnp.int32)
+        .at[slot.reshape(-1)].set(entries.reshape(-1), mode="promise_in_bounds")
         .reshape(rows, slots + 1)[:, :slots]
-        for a, value in zip(payload, fill)
     )
-    return outputs, count
+    return source, count
+
+
+def take_positions(a: jax.Array, source: jax.Array) -> jax.Array:
+    """``a[n, source[n, m]]`` for ``a`` ``[N, n, ...]`` flattened after its first axis and in-range
+    ``source`` ``[N, M]``: one flat gather."""
+    rows = a.shape[0]
+    flat = a.reshape(rows, -1)
+    index = jnp.arange(rows, dtype=jnp.int32)[:, None] * flat.shape[1] + source
+    return flat.reshape(-1).at[index.reshape(-1)].get(mode="promise_in_bounds").reshape(source.shape)
 
 
 def bisect_threshold(
