@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m jsample demo
 
-# The doctests run in a fresh process after the tests: the five worker aborts seen so far (XLA
-# native code, see tests/conftest.py) all hit a doctest late in a long-lived xdist worker.
+# The doctests run in a fresh process after the tests, so that they start with few memory
+# mappings (see tests/conftest.py: a long-lived worker can run out of them).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests
 	$(BIN)/python -m pytest -q -n 2 jsample --doctest-modules

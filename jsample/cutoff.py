@@ -10,7 +10,7 @@ or dropped together, so the result never depends on token order):
   the top token(s); masses are taken on the tempered, top-k-renormalised distribution;
 * min-p keeps a token when ``exp((logit - max) / T) >= min_p``.
 
-Each row takes the first of three tiers that can prove its answer; all evaluate the same rules:
+Each row takes the first tier that can prove its answer; all evaluate the same rules:
 
 1. :func:`threshold_candidates` with ``candidates`` slots: a threshold ``L``, then every token
    ``>= L``, collected in vocabulary order by small compactions (groups, chunks, then the
@@ -22,9 +22,9 @@ Each row takes the first of three tiers that can prove its answer; all evaluate 
    certified when all tokens ``>= L`` fit and some filter provably drops every token below
    ``L`` (top-k: at least ``k`` tokens are ``>= L``; top-p: their mass reaches ``top_p``;
    min-p: ``L`` itself fails the min-p test).
-2. The same with 4 and then 16 times the slots (:data:`TIER_WIDTHS`, the widest at most one
-   slot per 128 tokens: :func:`tier_slots`; a tier with slots for every group's chunks skips
-   the groups), for rows whose kept set is wider. A row tries a tier only when what it
+2. The same with 4, 16 and then 32 times the slots (:data:`TIER_WIDTHS`, the widest at most
+   one slot per 64 tokens: :func:`tier_slots`; a tier with slots for every group's chunks
+   skips the groups), for rows whose kept set is wider. A row tries a tier only when what it
    collects could fit there, and these tiers run only over the row blocks their rows fill
    (see :func:`resolve`).
 3. :func:`full_thresholds`: an exact bisection over the whole vocabulary, in row blocks, only
@@ -51,10 +51,9 @@ SEARCH_SPAN = 64.0
 # The candidate tiers' slots, in multiples of ``candidates``: a row takes the first tier that
 # holds its kept set, and the exact bisection over the vocabulary only past the last one.
 TIER_WIDTHS = (1, 4, 16, 32)
-# The wider tiers collect at most half the chunks of a long vocabulary (at least this many
-# slots): past that a tier reads about as much as the bisection over the vocabulary, and its
-# temporaries, tens of MB, push XLA's per-call buffer past glibc's mmap threshold, so that
-# every call page-faults it afresh.
+# The wider tiers hold at most one slot per run of the draw's length (64 tokens), or this many:
+# wider, a tier would gather a good part of the vocabulary; the bisection over it is then as
+# cheap. They run by row blocks, so their temporaries are a block's.
 _WIDEST_TIER_MIN = 256
 # Up to this many candidate slots the rules run as pairwise comparisons.
 _PAIRWISE_SLOTS = 128
@@ -347,7 +346,7 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
     chunk_id = jnp.minimum(chunk_id, layout.chunks - 1)
     collect = _collect_strided if layout.strided else _collect_runs
     (values, indices), count, runs_needed = collect(layout, chunk_id, chunk_count, slots, at_least)
-    fits = (jnp.maximum(group_count, chunk_count) <= slots) & (jnp.maximum(count, runs_needed) <= slots)
+    needed = jnp.maximum(jnp.maximum(group_count, chunk_count), jnp.maximum(count, runs_needed))
 
     # Pairwise comparisons are cheapest for the usual slot counts; their [N, M, M] arrays
     # outgrow a bisection over the candidates for wide tiers.
@@ -361,9 +360,8 @@ def threshold_candidates(rows: Rows, slots: int, rule: str, full_mass: jax.Array
         indices=indices,
         keep=keep_kp & (weight >= rows.min_p[:, None]),
         threshold=selection.tree_min(jnp.where(keep_kp, values, jnp.inf)),
-        certified=fits & proof,
+        certified=(needed <= slots) & proof,
     )
-    needed = jnp.maximum(jnp.maximum(group_count, chunk_count), jnp.maximum(count, runs_needed))
     return TierResult(cands, needed, proof)
 
 
@@ -539,8 +537,7 @@ def chunk_masses(rows: Rows) -> jax.Array:
 
     For a strided layout, one ``exp`` pass in row blocks summed down the columns of each row
     seen as ``[chunk, chunks]`` by pairwise adds of whole rows of that view (one vectorised loop
-    with the ``exp``), then over each group's columns: a fixed order, and ``[N, groups]``
-    arrays after the pass rather than ``[N, chunks]`` ones, which cost more than they prune.
+    with the ``exp``), then over each group's columns, in a fixed order.
     """
     layout = rows.layout
     if not layout.strided:
@@ -611,8 +608,8 @@ def run_if(any_row: jax.Array, fn, fallback):
 
 def tier_slots(count: int, runs: int) -> tuple[int, ...]:
     """The slots of each candidate tier: ``count`` times :data:`TIER_WIDTHS`, the wider tiers
-    capped at half the ``runs`` (the row's runs of the draw's length, see :func:`resolve`) or
-    at :data:`_WIDEST_TIER_MIN`; a tier no wider than the one before it is dropped."""
+    capped at the ``runs`` (the row's runs of the draw's length, see :func:`resolve`) or at
+    :data:`_WIDEST_TIER_MIN`; a tier no wider than the one before it is dropped."""
     cap = max(count, runs, _WIDEST_TIER_MIN)
     slots: list[int] = []
     for width in TIER_WIDTHS:

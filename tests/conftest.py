@@ -16,13 +16,11 @@ import tempfile  # noqa: E402
 
 import hypothesis  # noqa: E402
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Compiled programs are cached on disk for one test run, so that the two xdist workers share them
-# (about 40 s of an 11-minute run). Each run starts with an empty cache, as CI does, and removes it
-# at the end. Five runs have lost a worker to an abort in XLA's native code: while loading an
-# executable from the cache (three), while writing one to it, and once while compiling with no
-# cache at all. Every one of them was in a doctest of jsample.sampling or jsample.torch, run late
-# in a worker's life; the Makefile now runs the doctests in a process of their own.
+# (about 2 minutes of a 12-minute run). Each run starts with an empty cache, as CI does, and
+# removes it at the end.
 _CACHE_DIR = "JSAMPLE_TEST_JAX_CACHE"
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
@@ -44,3 +42,30 @@ hypothesis.settings.register_profile(
     "jsample", derandomize=True, deadline=None, max_examples=40, print_blob=True
 )
 hypothesis.settings.load_profile("jsample")
+
+
+# XLA:CPU maps the code and data of every compiled kernel separately, so each sampler program
+# holds about a thousand memory mappings until JAX drops it, and Linux gives a process
+# vm.max_map_count of them (65,530 by default). A worker that compiles enough programs then
+# fails inside LLVM ("Unable to allocate section memory"), a segfault or an abort (seven test
+# runs lost a worker so, the first five put down to the compilation cache). The compiled
+# programs are released when the count passes half the limit.
+def _map_limit():
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except OSError:  # not Linux: no such limit to watch
+        return None
+
+
+_MAP_LIMIT = _map_limit()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    yield
+    if _MAP_LIMIT is not None:
+        with open("/proc/self/maps") as f:
+            mappings = sum(1 for _ in f)
+        if mappings > _MAP_LIMIT // 2:
+            jax.clear_caches()

@@ -1,13 +1,12 @@
 """The fast paths equal the definitions: every tier of the cutoff, against a float64 NumPy reference.
 
 The sampler answers each row from the first tier that can prove its kept set (see
-jsample/cutoff.py): the threshold candidates, the same with 4 and 16 times the slots, and an
-exact bisection over the vocabulary. Whatever the tier, the kept set, the probabilities and the
-inverse-CDF draw must be those of the rules written out naively below. Per-row parameters mix
-every filter in one batch; the logits include ties, clustered (sorted) rows and masked tokens.
-A batch with a row that must go past the first tier sends all its rows on (``candidates`` 4
-pushes many past the second too); a batch of narrow filters with 64 candidates stays in the
-first. The test checks that each tier really answered some rows.
+jsample/cutoff.py): the threshold candidates, the same with 4, 16 and 32 times the slots, and
+an exact bisection over the vocabulary. Whatever the tier, the kept set, the probabilities and
+the inverse-CDF draw must be those of the rules written out naively below. Per-row parameters
+mix every filter in one batch; the logits include ties, clustered (sorted) rows and masked
+tokens. ``candidates`` 4 pushes many rows past the first tiers; a batch of narrow filters with
+64 candidates stays in the first. The test checks that each tier really answered some rows.
 """
 
 import jax
@@ -36,8 +35,7 @@ ROWS = [
     (1.0, 0, 0.3, 0.5),     # top-p + min-p
 ]
 
-# Rows that all fit the first tier with 64 candidates: a batch of them takes no wider tier (a
-# batch in which some row must go wider sends every row there, see cutoff.resolve).
+# Rows that all fit the first tier with 64 candidates: a batch of them takes no wider tier.
 NARROW = [
     (0.0, 0, 1.0, 0.0),     # greedy
     (1.0, 3, 1.0, 0.0),     # small top-k
@@ -242,10 +240,10 @@ def test_cumulative_mass_exactly_at_top_p(rule):
 
 @pytest.mark.parametrize("strided", [True, False], ids=["strided", "consecutive"])
 def test_a_row_past_every_tier_does_not_move_the_others(strided):
-    # A tier hands its rows to the next only when that one runs anyway for some row. A row that
-    # no tier can take (top_k 1000: more chunks hold a token above its threshold than the
-    # widest tier has slots) goes straight to the bisection, and every other row is answered by
-    # the tier it takes without that row. 512 chunks, so the chunk count can rule tiers out.
+    # Each row takes the first tier that holds it. A row that no tier can take (top_k 1000:
+    # more chunks hold a token above its threshold than the widest tier has slots) goes on to
+    # the bisection, and every other row is answered by the tier it takes without that row.
+    # 512 chunks, so the chunk count can rule tiers out.
     rng = np.random.default_rng(3)
     wide_logits = (rng.normal(0.0, 1.0, (N, 512 * 64)) * rng.uniform(2.0, 4.0, (N, 1))).astype(np.float32)
 
@@ -311,3 +309,20 @@ def test_rows_scattered_over_row_blocks_keep_their_own_answers(rule, monkeypatch
     assert sum(e is not None for e in expected) >= N - 1
     for token, e in zip(tokens, expected):
         assert e is None or token == e
+
+
+def test_row_subsets_run_only_the_blocks_their_active_rows_fill():
+    # The wider tiers run over blocks of row ids, active rows first (selection.map_row_subsets).
+    # Blocks of 2 here: the 3 active rows fill 2 blocks, the second completed by the first
+    # inactive row (0); every other row's block does not run and gives zeros. Results come back
+    # in the batch's order, each row's its own.
+    active = np.zeros(N, bool)
+    active[[1, 4, 8]] = True
+    out = selection.map_row_subsets(
+        lambda ids: (10 * ids + 1).astype(jnp.float32), jnp.asarray(active), 2
+    )
+    expected = np.zeros(N, np.float32)
+    expected[[0, 1, 4, 8]] = 10 * np.array([0, 1, 4, 8]) + 1
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    assert selection.subset_rows(12) == 6 and selection.subset_rows(64) == 8
+    assert selection.subset_rows(7) == 7 and selection.subset_rows(1) == 1
