@@ -675,9 +675,10 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     # A top-p row whose mass bound misses, or whose tokens >= L did not reach top_p in a tier,
     # would miss in every tier (they share its threshold): it goes to the bisection.
     left = filtered & (reached | ~mass_cut)
+    start = _first_tiers(needed, left, widths, selection.subset_rows(rows_n))
     tiers, used = [], []
     for i, slots in enumerate(widths):
-        try_here = left & (needed <= slots)
+        try_here = left & (start <= i) & (needed <= slots)
         if i == 0:
             tier = functools.partial(_tier, rows, slots, rule, mass, p_threshold)
         else:
@@ -703,6 +704,31 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     for tier, use in zip(reversed(tiers), reversed(used)):
         threshold = jnp.where(use, tier.threshold, threshold)
     return Resolution(tuple(tiers), tuple(used), threshold, jnp.sum(masses))
+
+
+def _first_tiers(needed: jax.Array, active: jax.Array, widths: tuple[int, ...],
+                 size: int) -> jax.Array:
+    """int32 ``[N]``: the first tier each row tries.
+
+    The narrowest whose slots hold what the row collects (as far as ``needed`` knows), unless
+    the next wider tier that runs anyway could take the rows of that one without running more
+    row blocks of ``size`` rows: one tier fewer then runs. Small batches, whose rows fill one
+    block, thus take a single tier, the widest any of their rows needs.
+    """
+    count = lambda mask: jnp.sum(mask.astype(jnp.int32))
+    blocks = lambda rows: (rows + size - 1) // size
+    first = functools.reduce(jnp.add, [(needed > s).astype(jnp.int32) for s in widths])
+    last = len(widths)
+    for j in range(last - 2, -1, -1):
+        here = count(active & (first == j))
+        target, there = jnp.int32(last), jnp.int32(0)
+        for k in range(last - 1, j, -1):  # the narrowest wider tier with rows
+            rows_k = count(active & (first == k))
+            target = jnp.where(rows_k > 0, k, target)
+            there = jnp.where(rows_k > 0, rows_k, there)
+        merge = (target < last) & (blocks(here + there) == blocks(there))
+        first = jnp.where(merge & (first == j), target, first)
+    return first
 
 
 def _tier(rows: Rows, slots: int, rule: str, full_mass: jax.Array,

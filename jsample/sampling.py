@@ -82,10 +82,14 @@ def _sample_layout(layout, u, params, rule, count):
             lambda: draw.draw_chunked(rows, res.threshold, u, drawn_rows),
             (*zeros, jnp.zeros((n,), jnp.float32)),
         )
-        for tier, use in zip(res.tiers, res.used):
-            drawn = cutoff.run_if(
-                jnp.any(use), lambda tier=tier: draw.draw_sorted(rows, tier, u), zeros
-            )
+        for i, (tier, use) in enumerate(zip(res.tiers, res.used)):
+            if i == 0:
+                draw_tier = lambda tier=tier: draw.draw_sorted(rows, tier, u)
+            else:
+                # The wider tiers answer few rows: their draw runs over the row blocks those
+                # rows fill, as the tiers themselves do.
+                draw_tier = lambda tier=tier, use=use: _draw_by_blocks(rows, tier, u, use)
+            drawn = cutoff.run_if(jnp.any(use), draw_tier, zeros)
             token = jnp.where(use, drawn[0], token)
             logprob = jnp.where(use, drawn[1], logprob)
         return token, logprob, res.nan_probe + jnp.sum(mass)
@@ -103,6 +107,15 @@ def _sample_layout(layout, u, params, rule, count):
     # reduction of [rows, chunks], which XLA:CPU hands to YNNPACK at a dispatch cost.
     below_infinity = jnp.all(rows.row_max < jnp.inf)
     return token, logprob, below_infinity, probed, probe
+
+
+def _draw_by_blocks(rows, tier, u, use):
+    """:func:`draw.draw_sorted` over the row blocks the ``use`` rows fill (zeros elsewhere)."""
+    def block(ids):
+        part = jax.tree.map(lambda a: a[ids], tier)
+        return draw.draw_sorted(cutoff.take_rows(rows, ids), part, u[ids])
+
+    return selection.map_row_subsets(block, use, selection.subset_rows(use.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "count"))
