@@ -17,7 +17,7 @@ is cheap on XLA's CPU backend shapes the code:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -673,12 +673,11 @@ def map_row_subsets(fn, active: jax.Array, size: int):
     """
     n = active.shape[0]
     order = jnp.argsort(~active, stable=True).astype(jnp.int32)
-    run = lambda ids: fn(ids)
-    shapes = jax.eval_shape(run, order[:size])
+    shapes = jax.eval_shape(fn, order[:size])
     zeros = lambda ids: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     split = lambda a: a.reshape(n // size, size, *a.shape[1:])
     out = lax.map(
-        lambda args: lax.cond(jnp.any(args[1]), run, zeros, args[0]),
+        lambda args: lax.cond(jnp.any(args[1]), fn, zeros, args[0]),
         (split(order), split(active[order])),
     )
     out = jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
