@@ -637,29 +637,18 @@ def map_row_blocks(fn, x: jax.Array, *per_row, active: jax.Array | None = None):
         run = lambda: block(x, *per_row)
         return lax.cond(jnp.any(active), run, zeros_for(run))
 
-    # The active rows go first (a stable order otherwise), so only the first
-    # ceil(active / size) blocks run, wherever the active rows sit in the batch.
-    order = jnp.argsort(~active, stable=True).astype(jnp.int32)
-    take = lambda a: a[order]
-
-    def maybe(ids, rest, on):
-        # The rows are sliced, or gathered when not consecutive, inside the branch: taken
-        # outside, they would be copied into a buffer of their own to enter it, whether or not
-        # the block runs; a slice is read in place by the pass.
+    def rows_of(ids):
+        # The rows are sliced, or gathered when not consecutive, inside the branch that runs
+        # the block: taken outside, they would be copied into a buffer of their own to enter
+        # it, whether or not the block runs; a slice is read in place by the pass.
+        rest = jax.tree.map(lambda a: a[ids], per_row)
         sliced = lambda: block(lax.dynamic_slice_in_dim(x, ids[0], size), *rest)
         gathered = lambda: block(x.at[ids].get(mode="promise_in_bounds"), *rest)
         consecutive = jnp.all(ids == ids[0] + jnp.arange(size, dtype=jnp.int32))
-        branch = jnp.where(jnp.any(on), jnp.where(consecutive, 1, 2), 0)
-        return lax.switch(branch, (zeros_for(sliced), sliced, gathered))
+        return lax.cond(consecutive, sliced, gathered)
 
-    out = lax.map(
-        lambda args: maybe(*args),
-        (split(order), jax.tree.map(lambda a: split(take(a)), per_row), split(take(active))),
-    )
-    out = jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
-    # Back to the batch's order: the inverse permutation.
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    return jax.tree.map(lambda a: a[inverse], out)
+    # The active rows first, so that only ceil(active / size) blocks run.
+    return map_row_subsets(rows_of, active, size)
 
 
 def map_row_subsets(fn, active: jax.Array, size: int):
