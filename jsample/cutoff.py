@@ -619,11 +619,22 @@ def tier_slots(count: int, runs: int) -> tuple[int, ...]:
     return tuple(slots)
 
 
+class TierOutcome(NamedTuple):
+    """What a candidate tier tells of each row: ``[N]`` arrays only (see :func:`resolve`)."""
+
+    threshold: jax.Array  # the row's top-k/top-p threshold (:attr:`Candidates.threshold`)
+    certified: jax.Array  # bool: the tier holds the row's whole kept set
+    needed: jax.Array  # float32: the slots the row needs (:attr:`TierResult.needed`)
+    proved: jax.Array  # bool: :attr:`TierResult.proved`
+    finished: object  # what ``finish`` made of the tier's candidates (a pytree of [N] arrays)
+
+
 class Resolution(NamedTuple):
     """Where each row's answer comes from (see :func:`resolve`)."""
 
-    tiers: tuple[Candidates, ...]  # candidate tiers, :func:`tier_slots` slots each
     used: tuple[jax.Array, ...]  # [N] bool per tier: the rows it answers (at most one per row)
+    # Per tier, ``finish`` applied to its candidates: read it only on the rows the tier answers.
+    finished: tuple[object, ...]
     threshold: jax.Array  # [N]: every row's top-k/top-p threshold, LOWEST without filters
     # The sum of the full masses, NaN when any row's logits hold NaN; 0 when no exp pass ran
     # (no row in :attr:`Rows.mass_rows`).
@@ -645,7 +656,7 @@ def _no_candidates(rows_n: int, slots: int) -> Candidates:
     )
 
 
-def resolve(rows: Rows, rule: str, count: int) -> Resolution:
+def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
     """Per-row cutoffs, each row from the first tier that certifies it.
 
     Rows that are greedy, invalid or unfiltered get threshold ``LOWEST`` and no tier. A row
@@ -654,6 +665,11 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     first tier they try. The first tier runs over the whole batch, the wider ones only over the
     row blocks their rows fill (:func:`selection.map_row_subsets`), so a batch pays for each
     tier about in proportion to the rows that take it.
+
+    ``finish(rows, candidates, ids)`` (optional) runs inside each tier on its candidates and
+    returns ``[n]`` arrays (a pytree), e.g. the draw: ``rows`` are the tier's rows, the batch's
+    ``ids`` among them (None for the whole batch). A tier thus hands on per-row results only,
+    never its ``[N, slots]`` candidates: a tier that does not run has nothing wide to fill.
     """
     rows_n = rows.row_max.shape[0]
     filtered = rows.filtered
@@ -676,21 +692,25 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
     # would miss in every tier (they share its threshold): it goes to the bisection.
     left = filtered & (reached | ~mass_cut)
     start = _first_tiers(needed, left, widths, selection.subset_rows(rows_n))
-    tiers, used = [], []
+    used, finished, thresholds = [], [], []
     for i, slots in enumerate(widths):
         try_here = left & (start <= i) & (needed <= slots)
         if i == 0:
-            tier = functools.partial(_tier, rows, slots, rule, mass, p_threshold)
+            tier = functools.partial(_tier, rows, slots, rule, mass, p_threshold, finish)
         else:
             tier = functools.partial(
-                _tier_by_blocks, rows, slots, rule, mass, p_threshold, try_here
+                _tier_by_blocks, rows, slots, rule, mass, p_threshold, finish, try_here
             )
-        found = run_if(
-            jnp.any(try_here), tier, TierResult(_no_candidates(rows_n, slots), zeros, zeros > 0)
+        shapes = jax.eval_shape(
+            lambda: _finished(finish, rows, _no_candidates(rows_n, slots), None)
         )
-        answered = try_here & found.candidates.certified
-        tiers.append(found.candidates)
+        fallback = TierOutcome(zeros, zeros > 0, zeros, zeros > 0,
+                               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+        found = run_if(jnp.any(try_here), tier, fallback)
+        answered = try_here & found.certified
         used.append(answered)
+        finished.append(found.finished)
+        thresholds.append(found.threshold)
         needed = jnp.where(try_here, jnp.maximum(needed, found.needed), needed)
         hopeless = try_here & ~found.proved & mass_cut
         left = left & ~answered & ~hopeless
@@ -701,9 +721,13 @@ def resolve(rows: Rows, rule: str, count: int) -> Resolution:
         jnp.full((rows_n,), LOWEST),
     )
     threshold = jnp.where(left, full, LOWEST)
-    for tier, use in zip(reversed(tiers), reversed(used)):
-        threshold = jnp.where(use, tier.threshold, threshold)
-    return Resolution(tuple(tiers), tuple(used), threshold, jnp.sum(masses))
+    for tier_threshold_, use in zip(reversed(thresholds), reversed(used)):
+        threshold = jnp.where(use, tier_threshold_, threshold)
+    return Resolution(tuple(used), tuple(finished), threshold, jnp.sum(masses))
+
+
+def _finished(finish, rows: Rows, cands: Candidates, ids):
+    return () if finish is None else finish(rows, cands, ids)
 
 
 def _first_tiers(needed: jax.Array, active: jax.Array, widths: tuple[int, ...],
@@ -731,22 +755,25 @@ def _first_tiers(needed: jax.Array, active: jax.Array, widths: tuple[int, ...],
     return first
 
 
-def _tier(rows: Rows, slots: int, rule: str, full_mass: jax.Array,
-          p_threshold: jax.Array) -> TierResult:
-    """:func:`threshold_candidates` with its :func:`tier_threshold`."""
+def _tier(rows: Rows, slots: int, rule: str, full_mass: jax.Array, p_threshold: jax.Array,
+          finish, ids: jax.Array | None = None) -> TierOutcome:
+    """:func:`threshold_candidates` with its :func:`tier_threshold`, and ``finish`` on them."""
     cut = tier_threshold(rows, slots, p_threshold)
-    return threshold_candidates(rows, slots, rule, full_mass, cut)
+    found = threshold_candidates(rows, slots, rule, full_mass, cut)
+    cands = found.candidates
+    return TierOutcome(cands.threshold, cands.certified, found.needed, found.proved,
+                       _finished(finish, rows, cands, ids))
 
 
 def _tier_by_blocks(rows: Rows, slots: int, rule: str, full_mass: jax.Array,
-                    p_threshold: jax.Array, active: jax.Array) -> TierResult:
+                    p_threshold: jax.Array, finish, active: jax.Array) -> TierOutcome:
     """:func:`_tier` over the row blocks the ``active`` rows fill.
 
     Each block reads the logits of its rows through gathers (:meth:`Layout.take_rows`); the
     rows of blocks that do not run get an empty, uncertified result.
     """
     def block(ids):
-        return _tier(take_rows(rows, ids), slots, rule, full_mass[ids], p_threshold[ids])
+        return _tier(take_rows(rows, ids), slots, rule, full_mass[ids], p_threshold[ids], finish, ids)
 
     size = selection.subset_rows(active.shape[0])
     return selection.map_row_subsets(block, active, size)

@@ -69,7 +69,12 @@ def _sample_layout(layout, u, params, rule, count):
     plain = rows.greedy | ~rows.valid
 
     def sampled():
-        res = cutoff.resolve(rows, rule, count)
+        # Each candidate tier draws for its rows as it runs (over the row blocks it runs on):
+        # it hands on tokens and logprobs, never its candidates.
+        res = cutoff.resolve(
+            rows, rule, count,
+            finish=lambda r, cands, ids: draw.draw_sorted(r, cands, u if ids is None else u[ids]),
+        )
         # Rows outside the candidate tiers have no filter (threshold LOWEST) or a threshold from
         # the bisection over the vocabulary: they draw from chunk masses.
         chunked = (~res.in_candidates & ~plain) | rows.unfiltered
@@ -82,16 +87,9 @@ def _sample_layout(layout, u, params, rule, count):
             lambda: draw.draw_chunked(rows, res.threshold, u, drawn_rows),
             (*zeros, jnp.zeros((n,), jnp.float32)),
         )
-        for i, (tier, use) in enumerate(zip(res.tiers, res.used)):
-            if i == 0:
-                draw_tier = lambda tier=tier: draw.draw_sorted(rows, tier, u)
-            else:
-                # The wider tiers answer few rows: their draw runs over the row blocks those
-                # rows fill, as the tiers themselves do.
-                draw_tier = lambda tier=tier, use=use: _draw_by_blocks(rows, tier, u, use)
-            drawn = cutoff.run_if(jnp.any(use), draw_tier, zeros)
-            token = jnp.where(use, drawn[0], token)
-            logprob = jnp.where(use, drawn[1], logprob)
+        for use, (drawn_token, drawn_logprob) in zip(res.used, res.finished):
+            token = jnp.where(use, drawn_token, token)
+            logprob = jnp.where(use, drawn_logprob, logprob)
         return token, logprob, res.nan_probe + jnp.sum(mass)
 
     probed = jnp.any(rows.mass_rows | rows.unfiltered)
@@ -107,15 +105,6 @@ def _sample_layout(layout, u, params, rule, count):
     # reduction of [rows, chunks], which XLA:CPU hands to YNNPACK at a dispatch cost.
     below_infinity = jnp.all(rows.row_max < jnp.inf)
     return token, logprob, below_infinity, probed, probe
-
-
-def _draw_by_blocks(rows, tier, u, use):
-    """:func:`draw.draw_sorted` over the row blocks the ``use`` rows fill (zeros elsewhere)."""
-    def block(ids):
-        part = jax.tree.map(lambda a: a[ids], tier)
-        return draw.draw_sorted(cutoff.take_rows(rows, ids), part, u[ids])
-
-    return selection.map_row_subsets(block, use, selection.subset_rows(use.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "count"))

@@ -110,13 +110,13 @@ def _columns(params):
     return [np.asarray(getattr(params, f)) for f in ("temperature", "top_k", "top_p", "min_p")]
 
 
-def _resolution(x, params, rule, candidates, strided):
+def _resolution(x, params, rule, candidates, strided, finish=None):
     """``(rows, resolution)``: where the sampler answers each row of ``x`` (see cutoff.resolve),
     on the strided layout of ``sample`` or the layout of consecutive chunks of ``probs``."""
     x = jnp.asarray(x)
     layout = selection.make_strided_layout(x) if strided else sampling.make_layout(x, 64)
     rows = cutoff.prepare_rows(layout, *map(jnp.asarray, _columns(params)))
-    return rows, cutoff.resolve(rows, rule, candidates)
+    return rows, cutoff.resolve(rows, rule, candidates, finish)
 
 
 def _reference_rows(x, params):
@@ -267,12 +267,14 @@ def test_stored_and_fused_chunk_gathers_give_the_same_candidates(rule, monkeypat
     # fused path on the small cases here must change nothing, in any tier. (Chunks of
     # consecutive tokens only: a strided layout gathers tokens, not runs.)
     x, params = _logits(0), _params(rule, 4)
-    _, stored = _resolution(x, params, rule, 4, False)
+    # Each tier hands on its candidates as they are, in place of the draw.
+    candidates_of = lambda rows, cands, ids: (cands.values, cands.indices, cands.keep)
+    _, stored = _resolution(x, params, rule, 4, False, candidates_of)
     monkeypatch.setattr(cutoff, "STORED_GATHER_BYTES", 0)
-    _, fused = _resolution(x, params, rule, 4, False)
+    _, fused = _resolution(x, params, rule, 4, False, candidates_of)
     assert sum(int(np.asarray(u).sum()) for u in stored.used) > 0
-    for a, b in zip(jax.tree.leaves((stored.tiers, stored.used, stored.threshold)),
-                    jax.tree.leaves((fused.tiers, fused.used, fused.threshold))):
+    for a, b in zip(jax.tree.leaves((stored.finished, stored.used, stored.threshold)),
+                    jax.tree.leaves((fused.finished, fused.used, fused.threshold))):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
