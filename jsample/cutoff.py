@@ -626,7 +626,7 @@ class TierOutcome(NamedTuple):
     certified: jax.Array  # bool: the tier holds the row's whole kept set
     needed: jax.Array  # float32: the slots the row needs (:attr:`TierResult.needed`)
     proved: jax.Array  # bool: :attr:`TierResult.proved`
-    finished: object  # what ``finish`` made of the tier's candidates (a pytree of [N] arrays)
+    finished: object  # what ``finish`` made of the tier's candidates (arrays with N rows)
 
 
 class Resolution(NamedTuple):
@@ -721,8 +721,8 @@ def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
         jnp.full((rows_n,), LOWEST),
     )
     threshold = jnp.where(left, full, LOWEST)
-    for tier_threshold_, use in zip(reversed(thresholds), reversed(used)):
-        threshold = jnp.where(use, tier_threshold_, threshold)
+    for tier_cut, use in zip(reversed(thresholds), reversed(used)):
+        threshold = jnp.where(use, tier_cut, threshold)
     return Resolution(tuple(used), tuple(finished), threshold, jnp.sum(masses))
 
 
