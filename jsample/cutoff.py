@@ -620,7 +620,7 @@ def tier_slots(count: int, runs: int) -> tuple[int, ...]:
 
 
 class TierOutcome(NamedTuple):
-    """What a candidate tier tells of each row: ``[N]`` arrays only (see :func:`resolve`)."""
+    """What a candidate tier tells of each row: per-row arrays only (see :func:`resolve`)."""
 
     threshold: jax.Array  # the row's top-k/top-p threshold (:attr:`Candidates.threshold`)
     certified: jax.Array  # bool: the tier holds the row's whole kept set
@@ -667,9 +667,10 @@ def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
     tier about in proportion to the rows that take it.
 
     ``finish(rows, candidates, ids)`` (optional) runs inside each tier on its candidates and
-    returns ``[n]`` arrays (a pytree), e.g. the draw: ``rows`` are the tier's rows, the batch's
-    ``ids`` among them (None for the whole batch). A tier thus hands on per-row results only,
-    never its ``[N, slots]`` candidates: a tier that does not run has nothing wide to fill.
+    returns arrays with one leading row axis (a pytree), e.g. the draw's ``[n]`` tokens and
+    logprobs: ``rows`` are the tier's rows, the batch's ``ids`` among them (None for the whole
+    batch). The sampler's draw thus hands on per-row results, never the ``[N, slots]``
+    candidates, and a tier that does not run has nothing wide to fill.
     """
     rows_n = rows.row_max.shape[0]
     filtered = rows.filtered
