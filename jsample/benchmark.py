@@ -19,6 +19,9 @@ one of the same implementation):
 * ``torch-fast``: the best plain-torch pipeline (``torch.topk`` first, softmax, cumsum mask,
   ``torch.multinomial``), batched.
 
+On a GPU (``--device gpu``) the torch peers run on CUDA when torch has it, and each timed torch
+call ends with ``torch.cuda.synchronize()``, as each JAX call ends with ``block_until_ready``.
+
 Medians and ratios to the floor are printed as a markdown table with the device, the versions
 and the date. Peers that cannot run a configuration (no min-p warper in Flax) show ``n/a``.
 """
@@ -225,9 +228,14 @@ def _timer(impl: str, cfg: Config, x_np: np.ndarray, dtype: str, device, candida
         fn = (_torch_seed if impl == "torch-seed" else _torch_fast)(cfg)
         if fn is None:
             return None
-        x = torch.from_numpy(x_np)
+        # Torch runs where JAX runs: on CUDA when the cell is timed on a GPU and torch has one.
+        on_gpu = device is not None and device.platform == "gpu" and torch.cuda.is_available()
+        where = "cuda" if on_gpu else "cpu"
+        x = torch.from_numpy(x_np).to(where)
         x = x.to(torch.bfloat16) if dtype == "bf16" else x
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device=where).manual_seed(0)
+        if on_gpu:
+            return lambda: (fn(generator, x), torch.cuda.synchronize())
         return lambda: fn(generator, x)
     x = jax.device_put(jnp.asarray(x_np, jnp.bfloat16 if dtype == "bf16" else jnp.float32), device)
     key = jax.device_put(jax.random.key(0), device)
@@ -293,6 +301,11 @@ def environment(device) -> dict:
         except ImportError:
             versions[mod] = "absent"
     dev = device or jax.devices()[0]
+    if versions["torch"] != "absent" and dev.platform == "gpu":
+        import torch
+
+        if torch.cuda.is_available():  # the torch peers then run on CUDA too (see _timer)
+            versions["torch"] += f" on CUDA ({torch.cuda.get_device_name()})"
     return {
         "date": datetime.date.today().isoformat(),
         "device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}",
