@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jsample import selection
+from jsample.control import run_if
 from jsample.selection import LOWEST, Layout, first_argmax, smallest_true, top_candidates
 
 # Logit distance from the row maximum that the threshold search covers, per unit of temperature
@@ -285,7 +286,9 @@ def tier_threshold(rows: Rows, slots: int, p_threshold: jax.Array) -> TierThresh
             maxima, jnp.ones_like(maxima), rows.top_k.astype(jnp.float32), rows.row_max, span
         )
 
-    searched = run_if(jnp.any(rows.k_on), count_threshold, jnp.zeros_like(rows.row_max))
+    # Costly: a loop of 12 steps, each a few kernel launches on a GPU.
+    searched = run_if(jnp.any(rows.k_on), count_threshold, jnp.zeros_like(rows.row_max),
+                      costly=True)
     threshold = jnp.where(rows.k_on, searched, jnp.where(rows.p_only, p_threshold, -jnp.inf))
     # min-p keeps exp((x - max) / T) >= min_p: x >= max + T log(min_p), less a margin for the
     # rounding of that expression (the exact test runs on the candidates).
@@ -601,11 +604,6 @@ def _full_thresholds(rows: Rows, rule: str, active: jax.Array) -> jax.Array:
 _COLUMNS = 16
 
 
-def run_if(any_row: jax.Array, fn, fallback):
-    """Runs ``fn()`` only when some row needs it: a runtime branch, compiled once."""
-    return lax.cond(any_row, lambda _: fn(), lambda _: fallback, None)
-
-
 def tier_slots(count: int, runs: int) -> tuple[int, ...]:
     """The slots of each candidate tier: ``count`` times :data:`TIER_WIDTHS`, the wider tiers
     capped at the ``runs`` (the row's runs of the draw's length, see :func:`resolve`) or at
@@ -687,6 +685,7 @@ def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
         jnp.any(mass_cut),
         lambda: mass_threshold(rows, mass),
         (zeros, zeros, jnp.ones((rows_n,), bool)),
+        costly=True,  # a loop of 12 steps, as tier_threshold's
     )
     needed = jnp.where(mass_cut, needed, 0.0)  # unknown: 0, the first tier finds out
     # A top-p row whose mass bound misses, or whose tokens >= L did not reach top_p in a tier,
@@ -707,7 +706,8 @@ def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
         )
         fallback = TierOutcome(zeros, zeros > 0, zeros, zeros > 0,
                                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-        found = run_if(jnp.any(try_here), tier, fallback)
+        # The wider tiers search by loops of 32 steps: behind a branch even off the CPU.
+        found = run_if(jnp.any(try_here), tier, fallback, costly=i > 0)
         answered = try_here & found.certified
         used.append(answered)
         finished.append(found.finished)
@@ -720,6 +720,7 @@ def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
         jnp.any(left),
         lambda: full_thresholds(rows, rule, left),
         jnp.full((rows_n,), LOWEST),
+        costly=True,  # up to 64 passes over the logits
     )
     threshold = jnp.where(left, full, LOWEST)
     for tier_cut, use in zip(reversed(thresholds), reversed(used)):

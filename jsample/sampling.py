@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jax import lax
 
-from jsample import cutoff, draw, selection, validation
+from jsample import control, cutoff, draw, selection, validation
 from jsample.params import FIELD_DTYPES, SamplingParams
 from jsample.selection import is_clean, make_layout, sanitize_logits
 
@@ -82,7 +82,7 @@ def _sample_layout(layout, u, params, rule, count):
         # consecutive tokens, where it may be the NaN probe (see probed below) and must read
         # every row; the strided maxima are the probe of a strided layout.
         drawn_rows = chunked if layout.strided else None
-        token, logprob, mass = cutoff.run_if(
+        token, logprob, mass = control.run_if(
             jnp.any(chunked),
             lambda: draw.draw_chunked(rows, res.threshold, u, drawn_rows),
             (*zeros, jnp.zeros((n,), jnp.float32)),
@@ -93,10 +93,11 @@ def _sample_layout(layout, u, params, rule, count):
         return token, logprob, res.nan_probe + jnp.sum(mass)
 
     probed = jnp.any(rows.mass_rows | rows.unfiltered)
-    token, logprob, probe = cutoff.run_if(
-        jnp.any(~plain) | probed, sampled, (*zeros, jnp.float32(0.0))
+    # Costly: all but the argmax, which a batch of greedy rows skips.
+    token, logprob, probe = control.run_if(
+        jnp.any(~plain) | probed, sampled, (*zeros, jnp.float32(0.0)), costly=True
     )
-    greedy = cutoff.run_if(jnp.any(plain), rows.greedy_tokens, zeros[0])
+    greedy = control.run_if(jnp.any(plain), rows.greedy_tokens, zeros[0])
     token = jnp.where(plain, greedy, token)
     # Greedy rows drew their token with probability 1; rows without a finite logit are flagged.
     logprob = jnp.where(rows.greedy, 0.0, logprob)
@@ -107,8 +108,21 @@ def _sample_layout(layout, u, params, rule, count):
     return token, logprob, below_infinity, probed, probe
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "count"))
-def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
+def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count, style=None):
+    """Tokens and logprobs ``[N]`` of ``[N, V]`` logits; ``style``: :mod:`jsample.control`'s
+    (None: the one in force where this is called)."""
+    style = control.style() if style is None else style
+    return _sample_rows_jit(u, x, temperature, top_k, top_p, min_p, rule=rule, count=count,
+                            style=style)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "count", "style"))
+def _sample_rows_jit(u, x, temperature, top_k, top_p, min_p, *, rule, count, style):
+    with control.use(style):
+        return _sample_rows_traced(u, x, temperature, top_k, top_p, min_p, rule=rule, count=count)
+
+
+def _sample_rows_traced(u, x, temperature, top_k, top_p, min_p, *, rule, count):
     validation.report_logits(x)
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)
     chunk = selection.fine_chunk(x.shape[1])
@@ -135,12 +149,12 @@ def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
     else:
         # When the parameters make the sampler read every row through an exp pass, its sums
         # reveal NaN; otherwise a plain sum reads the logits a second time to find out.
-        nan_probe = jnp.where(probed, probe, lax.cond(
-            probed, lambda: jnp.float32(0.0), lambda: selection.nan_sum(layout).astype(jnp.float32)
+        nan_probe = jnp.where(probed, probe, control.run_if(
+            ~probed, lambda: selection.nan_sum(layout).astype(jnp.float32), jnp.float32(0.0)
         ))
     clean = below_infinity & ~jnp.isnan(nan_probe)
     n = u.shape[0]
-    fixed = lax.cond(
+    fixed = lax.cond(  # a whole second sample: a runtime branch in either style
         clean,
         lambda: (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32)),
         lambda: selection.map_row_blocks(sanitized, x, u, *params),
@@ -167,8 +181,18 @@ def _log_probs_layout(layout, params, rule, count):
     return jnp.where(keep, scaled - log_mass, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "count"))
 def _log_probs_rows(x, temperature, top_k, top_p, min_p, *, rule, count):
+    return _log_probs_rows_jit(x, temperature, top_k, top_p, min_p, rule=rule, count=count,
+                               style=control.style())
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "count", "style"))
+def _log_probs_rows_jit(x, temperature, top_k, top_p, min_p, *, rule, count, style):
+    with control.use(style):
+        return _log_probs_traced(x, temperature, top_k, top_p, min_p, rule=rule, count=count)
+
+
+def _log_probs_traced(x, temperature, top_k, top_p, min_p, *, rule, count):
     validation.report_logits(x)
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jsample import control
+
 FMAX = float(jnp.finfo(jnp.float32).max)
 LOWEST = -FMAX
 _CHUNK_SIZES = (64, 128, 32, 256)
@@ -363,7 +365,7 @@ def _strided_first_argmax(layout: Layout, row_max: jax.Array) -> jax.Array:
         )
         return jnp.where(exact, token, first)
 
-    token = lax.cond(jnp.all(exact), lambda: token, scan)
+    token = control.run_if(~jnp.all(exact), scan, token)
     return jnp.minimum(token, layout.vocab - 1).astype(jnp.int32)
 
 
@@ -543,6 +545,7 @@ def bisect_threshold(
 
     # A loop rather than unrolled steps: its result is materialised once, where XLA would
     # otherwise fuse the whole chain of steps into every consumer and recompute it per element.
+    # Its trip count is known, so on a GPU it runs without going back to the host.
     lo, hi = lax.fori_loop(0, steps, step, (upper - span, upper))
     return jnp.where(reaches(hi), hi, lo)
 
@@ -583,7 +586,8 @@ def smallest_true(
         ok = predicate(_from_order(mid))
         return jnp.where(open_ & ~ok, mid + 1, lo), jnp.where(open_ & ok, mid, hi)
 
-    _, hi = lax.while_loop(unfinished, step, (lo, hi))
+    # 32 steps halve any span of float32 bit patterns to one.
+    _, hi = control.until(unfinished, step, (lo, hi), most=32)
     return jnp.where(active, _from_order(hi), LOWEST)
 
 
@@ -605,7 +609,8 @@ def map_row_blocks(fn, x: jax.Array, *per_row, active: jax.Array | None = None):
     (the others give zeros), wherever those rows sit in the batch.
     """
     n, vocab = x.shape
-    size = block_rows(n, vocab)
+    # Off the CPU the whole batch is one block: a loop over blocks would return to the host.
+    size = n if control.straight() else block_rows(n, vocab)
     widen = x.dtype == jnp.bfloat16
     if widen:
         # XLA:CPU converts bfloat16 one element at a time, outside vectorised loops: given
@@ -635,6 +640,8 @@ def map_row_blocks(fn, x: jax.Array, *per_row, active: jax.Array | None = None):
 
     if size == n:
         run = lambda: block(x, *per_row)
+        if control.straight():
+            return _zero_rows(run(), active)
         return lax.cond(jnp.any(active), run, zeros_for(run))
 
     def rows_of(ids):
@@ -658,9 +665,13 @@ def map_row_subsets(fn, active: jax.Array, size: int):
     pytree) with ``size`` leading rows. The active rows go first (a stable order otherwise), so
     ``ceil(active / size)`` blocks run; the rows of the blocks that do not run get zeros.
     Results come back in the batch's order. For work that reads the logits only through
-    gathers (see :meth:`Layout.take_rows`), so that no block of logits is copied.
+    gathers (see :meth:`Layout.take_rows`), so that no block of logits is copied. In style
+    ``"straight"`` (:mod:`jsample.control`), ``fn`` runs once, on all ``N`` rows in order.
     """
     n = active.shape[0]
+    if control.straight():
+        # One block of every row, in order: no loop, no branch (see jsample.control).
+        return _zero_rows(fn(jnp.arange(n, dtype=jnp.int32)), active)
     order = jnp.argsort(~active, stable=True).astype(jnp.int32)
     shapes = jax.eval_shape(fn, order[:size])
     zeros = lambda ids: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -672,6 +683,15 @@ def map_row_subsets(fn, active: jax.Array, size: int):
     out = jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n, dtype=jnp.int32))
     return jax.tree.map(lambda a: a[inverse], out)
+
+
+def _zero_rows(out, active: jax.Array):
+    """``out`` (arrays with ``N`` leading rows) with the inactive rows zeroed."""
+    def zero(a):
+        mask = active.reshape(-1, *(1,) * (a.ndim - 1))
+        return jnp.where(mask, a, jnp.zeros((), a.dtype))
+
+    return jax.tree.map(zero, out)
 
 
 def subset_rows(rows: int, target: int = 8) -> int:

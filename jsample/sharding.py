@@ -40,7 +40,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jsample import cutoff, draw, sampling, validation
+from jsample import control, cutoff, draw, sampling, validation
 from jsample.params import FIELD_DTYPES, SamplingParams
 from jsample.selection import (
     Layout,
@@ -261,11 +261,11 @@ def _sample_shard(u, logits, temperature, top_k, top_p, min_p, *, vocab, plan, v
 
     def sampled():
         cands, use_candidates, threshold = _resolve(rows, rule, count, start, vocab, vocab_axis)
-        from_candidates = cutoff.run_if(
+        from_candidates = control.run_if(
             jnp.any(use_candidates), lambda: draw.draw_candidates(rows, cands, u), zeros
         )
         with jax.named_scope("chunked_draw"):
-            from_chunks = cutoff.run_if(
+            from_chunks = control.run_if(
                 jnp.any(~use_candidates & ~plain),
                 lambda: _draw_chunked(rows, threshold, u, plan, vocab_axis),
                 zeros,
@@ -275,7 +275,7 @@ def _sample_shard(u, logits, temperature, top_k, top_p, min_p, *, vocab, plan, v
     # Every value a branch condition reads is the same on all devices of a vocabulary group
     # (parameters, uniforms and reduced statistics), so the group takes the same branch and
     # meets at the same collectives.
-    token, logprob = cutoff.run_if(jnp.any(~plain), sampled, zeros)
+    token, logprob = control.run_if(jnp.any(~plain), sampled, zeros, costly=True)
     with jax.named_scope("first_argmax"):
         greedy = _first_argmax(
             layout, jnp.where(rows.valid, rows.row_max, -jnp.inf), start, vocab, vocab_axis
@@ -308,7 +308,7 @@ def _resolve(rows: cutoff.Rows, rule: str, count: int, start, vocab: int, vocab_
     def tier_one():
         needs_mass = filtered & ~rows.k_on & rows.p_on
         with jax.named_scope("softmax_mass"):
-            mass = cutoff.run_if(
+            mass = control.run_if(
                 jnp.any(needs_mass),
                 lambda: lax.psum(cutoff.full_mass(rows), vocab_axis),
                 jnp.ones((n,)),
@@ -325,14 +325,15 @@ def _resolve(rows: cutoff.Rows, rule: str, count: int, start, vocab: int, vocab_
         threshold=jnp.full((n,), cutoff.LOWEST),
         certified=jnp.zeros((n,), bool),
     )
-    cands = cutoff.run_if(jnp.any(filtered), tier_one, empty)
+    cands = control.run_if(jnp.any(filtered), tier_one, empty)
     use_candidates = filtered & cands.certified
     needs_full = filtered & ~cands.certified
     with jax.named_scope("bisection"):
-        full = cutoff.run_if(
+        full = control.run_if(
             jnp.any(needs_full),
             lambda: _full_thresholds(rows, rule, needs_full, vocab_axis),
             jnp.full((n,), cutoff.LOWEST),
+            costly=True,
         )
     threshold = jnp.where(
         use_candidates, cands.threshold, jnp.where(needs_full, full, cutoff.LOWEST)

@@ -330,3 +330,57 @@ def test_row_subsets_run_only_the_blocks_their_active_rows_fill():
     np.testing.assert_array_equal(np.asarray(out), expected)
     assert selection.subset_rows(12) == 6 and selection.subset_rows(64) == 8
     assert selection.subset_rows(7) == 7 and selection.subset_rows(1) == 1
+
+
+# ----------------------------------------------------------------------------- control styles
+# Off the CPU the sampler runs in style "straight" (jsample/control.py): cheap branches become
+# selects, searches run a fixed number of steps, rows are not blocked. CI has no GPU, so the
+# style is forced here; it must give exactly what style "branches" gives, on every path.
+STYLE_CASES = [
+    ("f32-strided", np.float32, V),  # the strided layout of sample
+    ("bf16", jnp.bfloat16, V),  # chunks of consecutive tokens, the NaN probe by a plain sum
+    ("f32-padded", np.float32, V - 12),  # a chunk that does not divide the vocabulary: row blocks
+]
+
+
+@pytest.mark.parametrize("name, dtype, vocab", STYLE_CASES, ids=[c[0] for c in STYLE_CASES])
+def test_straight_style_samples_exactly_as_branches(name, dtype, vocab):
+    from jsample import control
+
+    x = _logits(0, vocab)
+    x[7, 3] = np.nan  # a NaN row: the sanitising second sample runs
+    x[9, :4] = x[9].max()  # the maximum tied in several groups: the greedy rescan's case
+    x = jnp.asarray(x).astype(dtype)
+    params = _params("inclusive", 4, shift=3)  # candidates 4: every tier and the bisection
+    u = jnp.asarray(np.random.default_rng(5).uniform(size=N).astype(np.float32))
+    out = {}
+    for style in control.STYLES:
+        with control.use(style):
+            assert control.style() == style
+            out[style] = js.sample_from_uniform(u, x, params, return_logprobs=True)
+    np.testing.assert_array_equal(np.asarray(out["straight"][0]), np.asarray(out["branches"][0]))
+    np.testing.assert_allclose(np.asarray(out["straight"][1]), np.asarray(out["branches"][1]),
+                               atol=1e-6, rtol=0)
+    if name == "f32-strided":
+        probs = {}
+        for style in control.STYLES:
+            with control.use(style):
+                probs[style] = np.asarray(js.probs(x, params))
+        np.testing.assert_allclose(probs["straight"], probs["branches"], atol=1e-7, rtol=0)
+        assert np.array_equal(probs["straight"] > 0, probs["branches"] > 0)
+
+
+def test_control_style_defaults_to_branches_on_the_cpu_and_checks_its_argument():
+    from jsample import control
+
+    assert jax.default_backend() == "cpu" and control.style() == "branches"
+    with pytest.raises(ValueError, match="style must be one of"):
+        with control.use("fast"):
+            pass
+    # run_if: a runtime branch, or a select in style "straight"; both give the same values.
+    for style in control.STYLES:
+        with control.use(style):
+            f = jax.jit(lambda p: control.run_if(p, lambda: jnp.float32(1.0), jnp.float32(2.0)))
+            assert float(f(True)) == 1.0 and float(f(False)) == 2.0
+            hlo = f.lower(True).compile().as_text()
+            assert ("conditional(" in hlo) == (style == "branches")
