@@ -4,8 +4,9 @@
 ``sampling._sample_rows`` once per style (parameter values are traced: one program serves every
 configuration), checks that both styles draw the same tokens, and prints the median ms of each
 style and of the floor (one jitted ``max``) for each configuration of the benchmark grid, with
-and without per-row parameters. On a GPU this is the A/B behind the default style there
-(benchmarks/results/gpu_styles.md); on the CPU "straight" is the slower by far.
+and without per-row parameters (``candidates`` 64 throughout, so per-row ``top_k`` above 64
+take the wider tiers). On a GPU this is the A/B behind the default style there
+(benchmarks/results/gpu_styles.md); on the CPU "straight" is the slower.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from jsample import benchmark, control, sampling, validation
 from jsample.params import FIELD_DTYPES
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--reps", type=int, default=15)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     b = args.rows
     x = jax.device_put(jnp.asarray(benchmark.make_logits(b, args.vocab, "peaked")))
     u = jax.device_put(jnp.linspace(0.01, 0.99, b, dtype=jnp.float32))

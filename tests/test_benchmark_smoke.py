@@ -49,3 +49,18 @@ def test_a_slow_compile_does_not_cut_the_rounds():
     times = benchmark.time_cell(cfg, 4, 4096, "f32", "peaked", impls=["floor", "jsample"], reps=4,
                                 budget_s=0.5)
     assert times["jsample"]["runs"] == 4 and times["floor"]["runs"] == 4
+
+
+def test_the_control_styles_script_runs_and_both_styles_agree(capsys):
+    # benchmarks/styles.py asserts that both styles draw the same tokens in every configuration.
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "styles.py"
+    spec = importlib.util.spec_from_file_location("styles", path)
+    styles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(styles)
+    styles.main(["--rows", "2", "--vocab", "1024", "--reps", "1"])
+    out = capsys.readouterr().out
+    for cfg in benchmark.CONFIGS:
+        assert f"| {cfg.name} |" in out and f"| {cfg.name}, per-row |" in out
