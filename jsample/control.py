@@ -52,6 +52,11 @@ def style() -> str:
 def use(chosen: str) -> Iterator[None]:
     """Traces inside the ``with`` block use ``chosen`` (``"branches"`` or ``"straight"``).
 
+    ``jsample.sample``, ``sample_from_uniform``, ``probs`` and ``log_probs`` take the style as
+    a static argument, so a call inside the block compiles its own program. A program traced
+    earlier by an outer ``jax.jit`` (a decode loop, ``sample_sharded``) keeps the style it was
+    traced with.
+
     Example:
       >>> from jsample import control
       >>> with control.use("straight"):

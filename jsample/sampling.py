@@ -2,8 +2,8 @@
 
 Each public function checks its inputs in Python (eagerly, with errors that name the argument),
 flattens the batch to ``[rows, vocab]`` and calls one private jitted function whose only static
-arguments are the top-p rule and the candidate count. Parameter values are traced, so new values
-reuse the compiled program.
+arguments are the top-p rule, the candidate count and the control style (:mod:`jsample.control`,
+set by the backend). Parameter values are traced, so new values reuse the compiled program.
 """
 
 from __future__ import annotations
