@@ -16,7 +16,7 @@ costly=True)``). The same call then took 0.8 ms (README, "On a GPU").
 
 Both styles compute the same results. The style is chosen when a sampler is traced: from
 ``jax.default_backend()`` unless :func:`use` sets it, and the jitted samplers take it as a static
-argument, so a compiled program never changes style. A TPU keeps ``"branches"``: it runs
+argument (:func:`styled_jit`), so a compiled program never changes style. A TPU keeps ``"branches"``: it runs
 branches and loops on the device (not measured here).
 """
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Iterator, TypeVar
+import functools
+from typing import Any, Callable, Iterator, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +53,10 @@ def style() -> str:
 def use(chosen: str) -> Iterator[None]:
     """Traces inside the ``with`` block use ``chosen`` (``"branches"`` or ``"straight"``).
 
-    ``jsample.sample``, ``sample_from_uniform``, ``probs`` and ``log_probs`` take the style as
-    a static argument, so a call inside the block compiles its own program. A program traced
-    earlier by an outer ``jax.jit`` (a decode loop, ``sample_sharded``) keeps the style it was
-    traced with.
+    jsample's own compiled programs (:func:`styled_jit`: the samplers, ``decode``,
+    ``sample_sharded``, the processors) take the style as a static argument, so a call inside
+    the block compiles its own program. A program that your own ``jax.jit`` traced earlier keeps
+    the style it was traced with.
 
     Example:
       >>> from jsample import control
@@ -70,6 +71,41 @@ def use(chosen: str) -> Iterator[None]:
         yield
     finally:
         _STYLE.reset(token)
+
+
+def styled_jit(**jit_kwargs: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: ``jax.jit(fn, **jit_kwargs)`` with the style in force at each call as one
+    more static argument, under which ``fn`` is traced. A caller may pass ``style=`` itself.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jsample import control
+      >>> @control.styled_jit()
+      ... def scale(x):  # traced once per style
+      ...     return x * (2 if control.straight() else 3)
+      >>> with control.use("straight"):
+      ...     int(scale(jnp.int32(5)))
+      10
+      >>> int(scale(jnp.int32(5)))  # the CPU's default style, "branches"
+      15
+    """
+    static = (*jit_kwargs.pop("static_argnames", ()), "style")
+
+    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+        def traced(*args, style, **kwargs):
+            with use(style):
+                return fn(*args, **kwargs)
+
+        compiled = jax.jit(traced, static_argnames=static, **jit_kwargs)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            chosen = kwargs.pop("style", None)
+            return compiled(*args, style=style() if chosen is None else chosen, **kwargs)
+
+        return call
+
+    return wrap
 
 
 def straight() -> bool:

@@ -7,7 +7,6 @@ log-probabilities, and a key schedule under which each row's tokens depend only 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -16,7 +15,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from jsample import validation
+from jsample import control, validation
 from jsample.params import FIELD_DTYPES, SamplingParams
 from jsample.sampling import sample
 from jsample.sharding import AxisName, sample_sharded
@@ -198,8 +197,7 @@ def _check_step_output(step_fn, logits, state, new_logits, new_state) -> None:
         )
 
 
-@functools.partial(
-    jax.jit,
+@control.styled_jit(
     static_argnums=0,
     static_argnames=("max_new_tokens", "rule", "count", "sharding"),
 )

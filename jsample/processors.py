@@ -12,12 +12,10 @@ default pipeline does not use, e.g. labml's top-p before temperature::
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from jsample import sampling, selection, validation
+from jsample import control, sampling, selection, validation
 from jsample.params import FIELD_DTYPES, SamplingParams
 
 
@@ -30,7 +28,7 @@ def _apply_layout(layout, params, rule, divide):
     return jnp.where(keep, values, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "divide"))
+@control.styled_jit(static_argnames=("rule", "divide"))
 def _apply_rows(x, temperature, top_k, top_p, min_p, *, rule, divide):
     validation.report_logits(x)
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)

@@ -8,7 +8,6 @@ set by the backend). Parameter values are traced, so new values reuse the compil
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -108,21 +107,8 @@ def _sample_layout(layout, u, params, rule, count):
     return token, logprob, below_infinity, probed, probe
 
 
-def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count, style=None):
-    """Tokens and logprobs ``[N]`` of ``[N, V]`` logits; ``style``: :mod:`jsample.control`'s
-    (None: the one in force where this is called)."""
-    style = control.style() if style is None else style
-    return _sample_rows_jit(u, x, temperature, top_k, top_p, min_p, rule=rule, count=count,
-                            style=style)
-
-
-@functools.partial(jax.jit, static_argnames=("rule", "count", "style"))
-def _sample_rows_jit(u, x, temperature, top_k, top_p, min_p, *, rule, count, style):
-    with control.use(style):
-        return _sample_rows_traced(u, x, temperature, top_k, top_p, min_p, rule=rule, count=count)
-
-
-def _sample_rows_traced(u, x, temperature, top_k, top_p, min_p, *, rule, count):
+@control.styled_jit(static_argnames=("rule", "count"))
+def _sample_rows(u, x, temperature, top_k, top_p, min_p, *, rule, count):
     validation.report_logits(x)
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)
     chunk = selection.fine_chunk(x.shape[1])
@@ -181,18 +167,8 @@ def _log_probs_layout(layout, params, rule, count):
     return jnp.where(keep, scaled - log_mass, -jnp.inf)
 
 
+@control.styled_jit(static_argnames=("rule", "count"))
 def _log_probs_rows(x, temperature, top_k, top_p, min_p, *, rule, count):
-    return _log_probs_rows_jit(x, temperature, top_k, top_p, min_p, rule=rule, count=count,
-                               style=control.style())
-
-
-@functools.partial(jax.jit, static_argnames=("rule", "count", "style"))
-def _log_probs_rows_jit(x, temperature, top_k, top_p, min_p, *, rule, count, style):
-    with control.use(style):
-        return _log_probs_traced(x, temperature, top_k, top_p, min_p, rule=rule, count=count)
-
-
-def _log_probs_traced(x, temperature, top_k, top_p, min_p, *, rule, count):
     validation.report_logits(x)
     params = validation.sanitize_params(temperature, top_k, top_p, min_p)
 

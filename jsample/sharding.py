@@ -170,9 +170,7 @@ def sample_sharded(key: jax.Array, logits: jax.Array, params: SamplingParams | N
     return (token, logprob) if return_logprobs else token
 
 
-@functools.partial(
-    jax.jit, static_argnames=("mesh", "vocab_axis", "batch_axis", "rule", "count")
-)
+@control.styled_jit(static_argnames=("mesh", "vocab_axis", "batch_axis", "rule", "count"))
 def _sample_sharded(key, logits, temperature, top_k, top_p, min_p, *, mesh, vocab_axis,
                     batch_axis, rule, count):
     batch, vocab = logits.shape
