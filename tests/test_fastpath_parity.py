@@ -9,6 +9,8 @@ tokens. ``candidates`` 4 pushes many rows past the first tiers; a batch of narro
 64 candidates stays in the first. The test checks that each tier really answered some rows.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,10 +115,22 @@ def _columns(params):
 def _resolution(x, params, rule, candidates, strided, finish=None):
     """``(rows, resolution)``: where the sampler answers each row of ``x`` (see cutoff.resolve),
     on the strided layout of ``sample`` or the layout of consecutive chunks of ``probs``."""
-    x = jnp.asarray(x)
-    layout = selection.make_strided_layout(x) if strided else sampling.make_layout(x, 64)
-    rows = cutoff.prepare_rows(layout, *map(jnp.asarray, _columns(params)))
-    return rows, cutoff.resolve(rows, rule, candidates, finish)
+    # The module constants that tests here patch are read when tracing: part of the key.
+    run = _resolution_program(rule, candidates, strided, finish,
+                              cutoff.STORED_GATHER_BYTES, selection.BLOCK_BYTES)
+    return run(jnp.asarray(x), tuple(map(jnp.asarray, _columns(params))))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolution_program(rule, candidates, strided, finish, *patched):
+    # One compiled program per setting, shared by the tests (run eagerly, each case took longer
+    # than compiling it).
+    def run(x, columns):
+        layout = selection.make_strided_layout(x) if strided else sampling.make_layout(x, 64)
+        rows = cutoff.prepare_rows(layout, *columns)
+        return rows, cutoff.resolve(rows, rule, candidates, finish)
+
+    return jax.jit(run)
 
 
 def _reference_rows(x, params):
@@ -306,7 +320,8 @@ def test_rows_scattered_over_row_blocks_keep_their_own_answers(rule, monkeypatch
     assert np.all(ref[np.arange(N), tokens] > 0)
 
     # Every row drawing over the vocabulary: every block runs, on consecutive rows, read in place.
-    plain = js.SamplingParams(temperature=0.8)
+    # The same static settings as above, so the compiled program is reused.
+    plain = js.SamplingParams(temperature=0.8, top_p_rule=rule, candidates=4)
     ref = np.stack([reference(row, 0.8, 0, 1.0, 0.0, rule) for row in x])
     tokens = np.asarray(js.sample_from_uniform(jnp.asarray(u), jnp.asarray(x), plain))
     expected = _expected_tokens(ref, u)
