@@ -139,7 +139,7 @@ def prepare_rows(layout: Layout, temperature, top_k, top_p, min_p) -> Rows:
     # The barrier keeps XLA from merging this reduction with the one that made chunk_max into a
     # second reduction over the logits.
     maxima = layout.chunk_max if layout.groups_max is None else layout.groups_max
-    row_max = lax.optimization_barrier(maxima).max(axis=-1)
+    row_max = selection.reduce_rows(lax.optimization_barrier(maxima), "max")
     valid = row_max > -jnp.inf
     # Each parameter is computed once into its own buffer, and the flags from those buffers:
     # XLA would otherwise copy the chains that sanitised them into every consumer.
@@ -243,13 +243,13 @@ def mass_threshold(rows: Rows, full_mass: jax.Array) -> tuple[jax.Array, jax.Arr
     finite = maxima > -jnp.inf
     weight = jnp.where(finite, jnp.exp(rows.scaled(maxima)), 0.0)
     target = rows.top_p * full_mass * (1 + _MASS_MARGIN)
-    lowest = jnp.min(jnp.where(finite, maxima, rows.row_max[:, None]), axis=1)
+    lowest = selection.reduce_rows(jnp.where(finite, maxima, rows.row_max[:, None]), "min")
     span = jnp.minimum(rows.row_max - lowest, SEARCH_SPAN * jnp.maximum(rows.temperature, 1.0))
     threshold = selection.materialize(
         selection.bisect_threshold(maxima, weight, target, rows.row_max, span)
     )
     above = maxima >= threshold[:, None]
-    reached = jnp.sum(jnp.where(above, weight, 0.0), axis=1) >= target
+    reached = selection.reduce_rows(jnp.where(above, weight, 0.0), "sum") >= target  # as searched
     chunks = jnp.sum((layout.chunk_max >= threshold[:, None]).astype(jnp.float32), axis=1)
     return threshold, chunks, reached
 
@@ -280,7 +280,7 @@ def tier_threshold(rows: Rows, slots: int, p_threshold: jax.Array) -> TierThresh
 
     def count_threshold():
         finite = maxima > -jnp.inf
-        lowest = jnp.min(jnp.where(finite, maxima, rows.row_max[:, None]), axis=1)
+        lowest = selection.reduce_rows(jnp.where(finite, maxima, rows.row_max[:, None]), "min")
         span = jnp.minimum(rows.row_max - lowest, SEARCH_SPAN * jnp.maximum(rows.temperature, 1.0))
         return selection.bisect_threshold(
             maxima, jnp.ones_like(maxima), rows.top_k.astype(jnp.float32), rows.row_max, span
