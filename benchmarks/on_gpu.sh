@@ -2,7 +2,8 @@
 # The GPU checks, most important first, for a machine with a CUDA GPU where jax (with its CUDA
 # plugin), flax, numpy, torch and the test tools are installed: from the repository root,
 #   benchmarks/on_gpu.sh OUTDIR
-# with `python3` that interpreter (e.g. an activated .venv). CI has no GPU. Each step writes to OUTDIR as it goes, so a run cut short keeps what it did.
+# with `python3` that interpreter (e.g. an activated .venv). CI has no GPU. Each step writes to
+# OUTDIR as it goes, so a run cut short keeps what it did.
 set -u
 out=${1:?usage: benchmarks/on_gpu.sh OUTDIR}
 mkdir -p "$out"

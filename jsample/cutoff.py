@@ -136,8 +136,8 @@ class Rows(NamedTuple):
 
 def prepare_rows(layout: Layout, temperature, top_k, top_p, min_p) -> Rows:
     """``layout``: sanitised logits; parameters: sanitised ``[N]``."""
-    # The barrier keeps XLA from merging this reduction with the one that made chunk_max into a
-    # second reduction over the logits.
+    # The barrier keeps XLA from merging this max (a reduction for wide rows) with the reduction
+    # that made the maxima into a second pass over the logits.
     maxima = layout.chunk_max if layout.groups_max is None else layout.groups_max
     row_max = selection.reduce_rows(lax.optimization_barrier(maxima), "max")
     valid = row_max > -jnp.inf
