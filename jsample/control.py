@@ -86,7 +86,8 @@ def styled_jit(**jit_kwargs: Any) -> Callable[[Callable[..., T]], Callable[..., 
       >>> with control.use("straight"):
       ...     int(scale(jnp.int32(5)))
       10
-      >>> int(scale(jnp.int32(5)))  # the CPU's default style, "branches"
+      >>> with control.use("branches"):  # the default on a CPU or a TPU
+      ...     int(scale(jnp.int32(5)))
       15
     """
     static = (*jit_kwargs.pop("static_argnames", ()), "style")

@@ -322,25 +322,27 @@ class TestBundledModel:
         from jsample.model import Config, Transformer
         from jsample.model.transformer import _attend
 
-        config = Config(dim=32, heads=2, layers=2, hidden=64, window=8)
-        small = nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(1)))()
-        seq = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 30)), jnp.int32)
-        logits, cache = nnx.jit(lambda m, t: m.prefill(t, jnp.array([5, 5])))(small, seq[:, :5])
-        step = nnx.jit(lambda m, c, t: m.step(c, t))
-        stepped = [logits]
-        for t in range(5, 29):
-            logits, cache = step(small, cache, seq[:, t])
-            stepped.append(logits)
+        # Float32 products in full precision: a GPU's default (TF32) rounds the two orders apart.
+        with jax.default_matmul_precision("highest"):
+            config = Config(dim=32, heads=2, layers=2, hidden=64, window=8)
+            small = nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(1)))()
+            seq = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 30)), jnp.int32)
+            logits, cache = nnx.jit(lambda m, t: m.prefill(t, jnp.array([5, 5])))(small, seq[:, :5])
+            step = nnx.jit(lambda m, c, t: m.step(c, t))
+            stepped = [logits]
+            for t in range(5, 29):
+                logits, cache = step(small, cache, seq[:, t])
+                stepped.append(logits)
 
-        @nnx.jit
-        def banded(small, seq):
-            i = jnp.arange(seq.shape[1])
-            band = ((i[None] <= i[:, None]) & (i[None] > i[:, None] - 8))[None]
-            x, positions = small.embed(seq), jnp.broadcast_to(i, seq.shape)
-            for block in small.blocks:
-                q, k, v = block.project(x, positions)
-                x = block.finish(x, _attend(q, k, v, band))
-            return small._logits(x)
+            @nnx.jit
+            def banded(small, seq):
+                i = jnp.arange(seq.shape[1])
+                band = ((i[None] <= i[:, None]) & (i[None] > i[:, None] - 8))[None]
+                x, positions = small.embed(seq), jnp.broadcast_to(i, seq.shape)
+                for block in small.blocks:
+                    q, k, v = block.project(x, positions)
+                    x = block.finish(x, _attend(q, k, v, band))
+                return small._logits(x)
 
-        full = banded(small, seq)
-        np.testing.assert_allclose(np.stack(stepped, 1), full[:, 4:29], atol=1e-5)
+            full = banded(small, seq)
+            np.testing.assert_allclose(np.stack(stepped, 1), full[:, 4:29], atol=1e-5)

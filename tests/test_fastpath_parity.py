@@ -239,7 +239,10 @@ def test_cumulative_mass_exactly_at_top_p(rule):
     row = np.full(V, -np.inf, np.float32)
     row[tokens] = np.append(halves, halves[-1])
     weights = np.float64([1, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 16])
-    assert np.array_equal(np.asarray(jnp.exp(jnp.asarray(row[tokens] - row[3]))), weights)
+    if not np.array_equal(np.asarray(jnp.exp(jnp.asarray(row[tokens] - row[3]))), weights):
+        # XLA:CPU's exp gives these powers of two exactly. XLA:GPU's (an H100, jax 0.11) gives
+        # 0.12499999 for 1/8, and no float32 logit within 8 ulps of log(1/8) gets exactly 1/8.
+        pytest.skip(f"{jax.default_backend()}'s exp misses the dyadic weights: no exact boundary")
     x = np.tile(row, (N, 1))
     top_p = np.float32([0.5, 0.75, 0.875, 0.9375, 0.96875, 0.6, 0.8, 0.9, 1.0, 0.0, 0.25, 0.99])
     kept = {"inclusive": [1, 2, 3, 4, 6, 2, 3, 4, 6, 1, 1, 6],
@@ -335,14 +338,18 @@ def test_row_subsets_run_only_the_blocks_their_active_rows_fill():
     # Blocks of 2 here: the 3 active rows fill 2 blocks, the second completed by the first
     # inactive row (0); every other row's block does not run and gives zeros. Results come back
     # in the batch's order, each row's its own.
+    # In style "straight" one block of every row runs and only the active rows keep their values.
+    from jsample import control
+
     active = np.zeros(N, bool)
     active[[1, 4, 8]] = True
-    out = selection.map_row_subsets(
-        lambda ids: (10 * ids + 1).astype(jnp.float32), jnp.asarray(active), 2
-    )
-    expected = np.zeros(N, np.float32)
-    expected[[0, 1, 4, 8]] = 10 * np.array([0, 1, 4, 8]) + 1
-    np.testing.assert_array_equal(np.asarray(out), expected)
+    fn = lambda ids: (10 * ids + 1).astype(jnp.float32)
+    for style, filled in (("branches", [0, 1, 4, 8]), ("straight", [1, 4, 8])):
+        with control.use(style):
+            out = selection.map_row_subsets(fn, jnp.asarray(active), 2)
+        expected = np.zeros(N, np.float32)
+        expected[filled] = 10 * np.array(filled) + 1
+        np.testing.assert_array_equal(np.asarray(out), expected, err_msg=style)
     assert selection.subset_rows(12) == 6 and selection.subset_rows(64) == 8
     assert selection.subset_rows(7) == 7 and selection.subset_rows(1) == 1
 
@@ -385,17 +392,19 @@ def test_straight_style_samples_exactly_as_branches(name, dtype, vocab):
         assert np.array_equal(probs["straight"] > 0, probs["branches"] > 0)
 
 
-def test_control_style_defaults_to_branches_on_the_cpu_and_checks_its_argument():
+def test_control_style_follows_the_backend_and_checks_its_argument():
     from jsample import control
 
-    assert jax.default_backend() == "cpu" and control.style() == "branches"
+    assert control.style() == ("straight" if jax.default_backend() == "gpu" else "branches")
     with pytest.raises(ValueError, match="style must be one of"):
         with control.use("fast"):
             pass
     # run_if: a runtime branch, or a select in style "straight"; both give the same values.
     for style in control.STYLES:
         with control.use(style):
-            f = jax.jit(lambda p: control.run_if(p, lambda: jnp.float32(1.0), jnp.float32(2.0)))
-            assert float(f(True)) == 1.0 and float(f(False)) == 2.0
-            hlo = f.lower(True).compile().as_text()
+            # A branch worth skipping: XLA:GPU turns a conditional between constants into a select.
+            f = jax.jit(lambda p, x: control.run_if(p, lambda: jnp.sort(-x)[0], jnp.float32(2.0)))
+            x = jnp.arange(1024, dtype=jnp.float32)
+            assert float(f(True, x)) == -1023.0 and float(f(False, x)) == 2.0
+            hlo = f.lower(True, x).compile().as_text()
             assert ("conditional(" in hlo) == (style == "branches")

@@ -1,7 +1,7 @@
 """jsample.sample_sharded: the tokens of jsample.sample, drawn from logits split over a device mesh.
 
-Runs on the 8 simulated CPU devices of conftest.py, over meshes (data, model) = (8, 1), (1, 8)
-and (2, 4). Every row of the batch has its own parameter mix, so one compiled program per mesh
+Runs on 8 devices (the simulated CPU devices of conftest.py where the default backend has fewer),
+over meshes (data, model) = (8, 1), (1, 8) and (2, 4). Every row of the batch has its own parameter mix, so one compiled program per mesh
 covers greedy, temperature only, top-k, top-p, min-p, their combinations, both tiers of the
 cutoff (candidates and the full-vocabulary bisection) and rows with NaN, +inf or no finite logit.
 """
@@ -74,8 +74,20 @@ def _family(name, seed):
 FAMILIES = ["normal", "ties", "flat", "special"]
 
 
-def _mesh(shape):
-    return jax.make_mesh(shape, ("data", "model"))
+# The meshes need 8 devices: the default backend's where it has them, else the simulated CPU
+# devices (a machine with one GPU), which then also compute the unsharded references, so that
+# both sides round alike.
+DEVICES = jax.devices() if jax.device_count() >= 8 else jax.devices("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _on_the_mesh_platform():
+    with jax.default_device(DEVICES[0]):
+        yield
+
+
+def _mesh(shape, axis_types=None):
+    return jax.make_mesh(shape, ("data", "model"), axis_types, devices=DEVICES[:math.prod(shape)])
 
 
 def _place(x, mesh, spec=P("data", "model")):
@@ -120,7 +132,7 @@ def test_one_key_per_row():
 def test_sample_names_the_ways_out_for_explicitly_sharded_logits():
     # jsample.sample reshapes and gathers along both axes, which explicit sharding rejects deep
     # inside; it says what to do instead, and both ways out draw its tokens.
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    mesh = _mesh((2, 4), (AxisType.Explicit,) * 2)
     x = _family("normal", seed=0)
     placed = _place(x, mesh)
     params, key = _params(), jax.random.key(5)
@@ -186,7 +198,7 @@ def _embedding_step(state, tokens):
 
 
 def test_decode_with_a_mesh_draws_the_unsharded_tokens():
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = _mesh((2, 4), (AxisType.Auto,) * 2)
     rng = np.random.default_rng(0)
     embedding = rng.normal(0.0, 1.0, (V, 16)).astype(np.float32)
     head = rng.normal(0.0, 1.0, (16, V)).astype(np.float32)
