@@ -354,6 +354,28 @@ def test_row_subsets_run_only_the_blocks_their_active_rows_fill():
     assert selection.subset_rows(7) == 7 and selection.subset_rows(1) == 1
 
 
+@pytest.mark.parametrize("n, slots", [(1024, 64), (801, 13), (96, 16)])
+def test_compaction_moves_the_flagged_positions_to_the_front_in_order(n, slots):
+    # compact locates each slot's block when a row is long enough (one scattered add per block,
+    # not a scattered write per entry), else scatters every entry; both must give the first `slots` flagged positions in
+    # order, then zeros, and the full count: none flagged, all, more than the slots, the last.
+    rng = np.random.default_rng(n)
+    flags = rng.uniform(size=(8, n)) < rng.uniform(0.0, 3 * slots / n, size=(8, 1))
+    flags[0], flags[1], flags[2] = False, True, False
+    flags[2, -1] = True
+    want = np.zeros((8, slots), np.int32)
+    for r, row in enumerate(flags):
+        first = np.flatnonzero(row)[:slots]
+        want[r, : len(first)] = first
+    forms = {"blocks": lambda f: selection._compact_by_blocks(f, slots, selection.COMPACT_BLOCK),
+             "compact": lambda f: selection.compact(f, slots)}
+    for name, form in forms.items():
+        source, count = jax.jit(form)(jnp.asarray(flags))
+        np.testing.assert_array_equal(np.asarray(source), want, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(count), flags.sum(1), err_msg=name)
+    assert (n >= slots * selection.COMPACT_BLOCK) == (n != 96)  # both forms of compact ran
+
+
 # ----------------------------------------------------------------------------- control styles
 # Off the CPU the sampler runs in style "straight" (jsample/control.py): cheap branches become
 # selects, searches run a fixed number of steps, rows are not blocked. CI has no GPU, so the
