@@ -357,8 +357,9 @@ def test_row_subsets_run_only_the_blocks_their_active_rows_fill():
 @pytest.mark.parametrize("n, slots", [(1024, 64), (801, 13), (96, 16)])
 def test_compaction_moves_the_flagged_positions_to_the_front_in_order(n, slots):
     # compact locates each slot's block when a row is long enough (one scattered add per block,
-    # not a scattered write per entry), else scatters every entry; both must give the first `slots` flagged positions in
-    # order, then zeros, and the full count: none flagged, all, more than the slots, the last.
+    # not a scattered write per entry), else scatters every entry. Both must give the first
+    # `slots` flagged positions in order, then zeros, and the full count: none flagged, all,
+    # more than the slots, only the last.
     rng = np.random.default_rng(n)
     flags = rng.uniform(size=(8, n)) < rng.uniform(0.0, 3 * slots / n, size=(8, 1))
     flags[0], flags[1], flags[2] = False, True, False

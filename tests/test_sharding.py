@@ -1,9 +1,10 @@
 """jsample.sample_sharded: the tokens of jsample.sample, drawn from logits split over a device mesh.
 
 Runs on 8 devices (the simulated CPU devices of conftest.py where the default backend has fewer),
-over meshes (data, model) = (8, 1), (1, 8) and (2, 4). Every row of the batch has its own parameter mix, so one compiled program per mesh
-covers greedy, temperature only, top-k, top-p, min-p, their combinations, both tiers of the
-cutoff (candidates and the full-vocabulary bisection) and rows with NaN, +inf or no finite logit.
+over meshes (data, model) = (8, 1), (1, 8) and (2, 4). Every row of the batch has its own
+parameter mix, so one compiled program per mesh covers greedy, temperature only, top-k, top-p,
+min-p, their combinations, both tiers of the cutoff (candidates and the full-vocabulary
+bisection) and rows with NaN, +inf or no finite logit.
 """
 
 import math
