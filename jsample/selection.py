@@ -494,13 +494,21 @@ def prefix_sum(a: jax.Array, block: int = 16) -> jax.Array:
     rows, n = a.shape
     if n <= 2 * block:
         return a @ upper_triangle(n)
+    local, ends = block_prefix_sums(a, block)
+    before = ends - local[:, :, -1]
+    return (local + before[:, :, None]).reshape(rows, -1)[:, :n]
+
+
+def block_prefix_sums(a: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """The two halves of :func:`prefix_sum` of ``a`` ``[N, n]``, zero-padded to whole blocks:
+    ``local`` ``[N, blocks, block]``, the sums inside each block of ``block`` columns, and
+    ``ends`` ``[N, blocks]``, the sums up to each block's end."""
+    rows, n = a.shape
     blocks = -(-n // block)
     local = pad_columns(a, blocks * block, 0.0).reshape(rows, blocks, block) @ upper_triangle(block)
-    totals = local[:, :, -1]
-    # The totals of the earlier blocks, by the same method (a [blocks, blocks] triangle would
-    # be 4 MB and a large product for the widest tier).
-    before = prefix_sum(totals, block) - totals
-    return (local + before[:, :, None]).reshape(rows, -1)[:, :n]
+    # The block totals' prefix sums by the same method (a [blocks, blocks] triangle would be
+    # 4 MB and a large product for the widest tier).
+    return local, prefix_sum(local[:, :, -1], block)
 
 
 def compact(flags: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
@@ -543,12 +551,10 @@ def _compact_by_blocks(flags: jax.Array, slots: int, block: int) -> tuple[jax.Ar
     entry where the block's running count first exceeds ``j - (E[h] - flags in h)``. The work
     per row is about ``n / block + slots * block`` instead of ``n`` scattered writes.
     """
-    rows, n = flags.shape
-    blocks = -(-n // block)
-    f = pad_columns(flags.astype(jnp.float32), blocks * block, 0.0).reshape(rows, blocks, block)
-    local = f @ upper_triangle(block)  # [rows, blocks, block] running counts inside each block
-    totals = local[:, :, -1]
-    ends = prefix_sum(totals, block)  # [rows, blocks]: flagged entries up to each block's end
+    rows = flags.shape[0]
+    # Running counts inside each block, and the flagged entries up to each block's end.
+    local, ends = block_prefix_sums(flags.astype(jnp.float32), block)
+    blocks, totals = ends.shape[1], local[:, :, -1]
     count = ends[:, -1]
     # Blocks whose end count reaches past every slot go to a spare bin that is cut off.
     row_start = jnp.arange(rows, dtype=jnp.int32)[:, None] * (slots + 1)
