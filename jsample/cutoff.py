@@ -466,25 +466,26 @@ def _apply_rules(rows: Rows, values: jax.Array, rule: str, full_mass: jax.Array)
     that hold every token the row could keep.
 
     Pairwise comparisons replace the sort: a token's top-k rank is the number of strictly larger
-    candidates, and the mass above it a product of the comparison matrix with the weights.
+    candidates, and the mass above it the sum of their weights.
     Returns ``(kept by top-k and top-p [N, M], weights [N, M], top-k mass [N])``.
     """
     weight = jnp.exp(rows.scaled(values))
     present = values > -jnp.inf
-    larger = jnp.where(values[:, None, :] > values[:, :, None], 1.0, 0.0)  # [n, i, j]: v_j > v_i
-    # Materialised: XLA would otherwise fuse the tree's last levels into the [n, i, j] product
-    # below and recompute them for each of its elements.
-    rank = selection.materialize(selection.tree_sum(larger))
+    # [n, j, i]: v_j > v_i, and for top-p v_j > v_i (inclusive) or v_j >= v_i (exclusive).
+    larger = values[:, :, None] > values[:, None, :]
+    above = larger if rule == "inclusive" else values[:, :, None] >= values[:, None, :]
+    # The top-p masses may sum the weights before top-k: a candidate top-k keeps has every
+    # candidate above it kept too (and a dropped one needs no top-p), so its sum is the same,
+    # term for term, and the two sums need not wait for each other. Each is a tree over j (the
+    # middle axis), whose levels add whole [n, half, M] blocks, vectorised along i.
+    rank = selection.tree_sum_axis(jnp.where(larger, 1.0, 0.0), 1)
+    above_mass = selection.tree_sum_axis(jnp.where(above, weight[:, :, None], 0.0), 1)
     keep_k = (~rows.k_on[:, None] | (rank < rows.top_k[:, None])) & present
     kept_weight = jnp.where(keep_k, weight, 0.0)
     # Masses in a fixed order (a matrix product may round differently with the batch size).
     mass = jnp.where(rows.k_on, selection.tree_sum(kept_weight), full_mass)
     budget = (rows.top_p * mass)[:, None]
-    if rule == "inclusive":
-        keep_p = selection.tree_sum(larger * kept_weight[:, None, :]) < budget
-    else:
-        at_least = values[:, None, :] >= values[:, :, None]
-        keep_p = selection.tree_sum(jnp.where(at_least, kept_weight[:, None, :], 0.0)) <= budget
+    keep_p = above_mass < budget if rule == "inclusive" else above_mass <= budget
     keep_p = ~rows.p_on[:, None] | keep_p | (rank == 0)
     return keep_k & keep_p, weight, mass
 
@@ -740,21 +741,27 @@ def _first_tiers(needed: jax.Array, active: jax.Array, widths: tuple[int, ...],
     the next wider tier that runs anyway could take the rows of that one without running more
     row blocks of ``size`` rows: one tier fewer then runs. Small batches, whose rows fill one
     block, thus take a single tier, the widest any of their rows needs.
+
+    The merges work on the count of active rows per tier (one reduction over the batch) and a
+    table of where each tier's rows go, so that they are a few scalar operations, not a pass
+    over the rows per tier and merge.
     """
-    count = lambda mask: jnp.sum(mask.astype(jnp.int32))
-    blocks = lambda rows: (rows + size - 1) // size
-    first = functools.reduce(jnp.add, [(needed > s).astype(jnp.int32) for s in widths])
     last = len(widths)
+    tiers = jnp.arange(last + 1, dtype=jnp.int32)
+    first = functools.reduce(jnp.add, [(needed > s).astype(jnp.int32) for s in widths])
+    rows_in = jnp.sum(((first[:, None] == tiers) & active[:, None]).astype(jnp.int32), axis=0)
+    blocks = lambda rows: (rows + size - 1) // size
+    goes_to = tiers
     for j in range(last - 2, -1, -1):
-        here = count(active & (first == j))
-        target, there = jnp.int32(last), jnp.int32(0)
-        for k in range(last - 1, j, -1):  # the narrowest wider tier with rows
-            rows_k = count(active & (first == k))
-            target = jnp.where(rows_k > 0, k, target)
-            there = jnp.where(rows_k > 0, rows_k, there)
+        # The narrowest wider tier that has rows (a candidate tier, not the bisection).
+        wider = (tiers > j) & (tiers < last) & (rows_in > 0)
+        target = jnp.min(jnp.where(wider, tiers, last))
+        here, there = rows_in[j], jnp.sum(jnp.where(tiers == target, rows_in, 0))
         merge = (target < last) & (blocks(here + there) == blocks(there))
-        first = jnp.where(merge & (first == j), target, first)
-    return first
+        rows_in = jnp.where(merge, jnp.where(tiers == target, here + there,
+                                             jnp.where(tiers == j, 0, rows_in)), rows_in)
+        goes_to = jnp.where(merge & (goes_to == j), target, goes_to)
+    return jnp.sum(jnp.where(first[:, None] == tiers, goes_to, 0), axis=1)
 
 
 def _tier(rows: Rows, slots: int, rule: str, full_mass: jax.Array, p_threshold: jax.Array,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jax import lax
 
-from jsample import control, cutoff, draw, selection, validation
+from jsample import control, cutoff, draw, selection, uniforms, validation
 from jsample.params import FIELD_DTYPES, SamplingParams
 from jsample.selection import is_clean, make_layout, sanitize_logits
 
@@ -179,12 +179,11 @@ def _log_probs_rows(x, temperature, top_k, top_p, min_p, *, rule, count):
 
 
 def _uniforms(fn: str, key: Any, batch_shape: tuple[int, ...]) -> jax.Array:
+    """One uniform per row, bit for bit ``jax.random.uniform`` (see :mod:`jsample.uniforms`)."""
     key, batched = validation.check_key(key, batch_shape, fn)
     if batched:
-        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key.reshape(-1))
-    else:
-        u = jax.random.uniform(key, (math.prod(batch_shape),), jnp.float32)
-    return u
+        return uniforms.uniform_per_key(key.reshape(-1))
+    return uniforms.uniform(key, math.prod(batch_shape))
 
 
 def _finish(token, logprob, batch_shape, return_logprobs):

@@ -178,13 +178,24 @@ def nan_sum(layout: Layout) -> jax.Array:
     return jnp.sum(layout.x)
 
 
-def _tree_reduce(a: jax.Array, op, identity: float) -> jax.Array:
-    """``op`` over the last axis by pairwise halving, padded with ``identity`` to a power of two."""
-    a = pad_columns(a, 1 << max(a.shape[-1] - 1, 0).bit_length(), identity)
-    while a.shape[-1] > 1:
-        half = a.shape[-1] // 2
-        a = op(a[..., :half], a[..., half:])
-    return a[..., 0]
+def _tree_reduce(a: jax.Array, op, identity: float, axis: int = -1) -> jax.Array:
+    """``op`` over ``axis`` by pairwise halving, padded with ``identity`` to a power of two."""
+    axis = axis % a.ndim
+    size = 1 << max(a.shape[axis] - 1, 0).bit_length()
+    if size != a.shape[axis]:
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, size - a.shape[axis])
+        a = jnp.pad(a, pad, constant_values=identity)
+    while a.shape[axis] > 1:
+        half = a.shape[axis] // 2
+        a = op(lax.slice_in_dim(a, 0, half, axis=axis), lax.slice_in_dim(a, half, 2 * half, axis=axis))
+    return jnp.squeeze(a, axis)
+
+
+def tree_sum_axis(a: jax.Array, axis: int) -> jax.Array:
+    """:func:`tree_sum` over ``axis``: the same pairwise order, adding whole slices of ``a``
+    (for a middle axis, blocks that XLA vectorises along the axes after it)."""
+    return _tree_reduce(a, jnp.add, 0.0, axis)
 
 
 def tree_max(a: jax.Array) -> jax.Array:
