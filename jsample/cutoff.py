@@ -693,8 +693,16 @@ def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
     # would miss in every tier (they share its threshold): it goes to the bisection.
     left = filtered & (reached | ~mass_cut)
     start = _first_tiers(needed, left, widths, selection.subset_rows(rows_n))
-    used, finished, thresholds = [], [], []
-    for i, slots in enumerate(widths):
+
+    def no_finish(slots):
+        """Zeros in the shapes of what ``finish`` makes of a tier's candidates."""
+        shapes = jax.eval_shape(
+            lambda: _finished(finish, rows, _no_candidates(rows_n, slots), None)
+        )
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def run_tier(i, slots, left, needed):
+        """Tier ``i`` on the rows that try it: (rows answered, finished, thresholds, needed, left)."""
         try_here = left & (start <= i) & (needed <= slots)
         if i == 0:
             tier = functools.partial(_tier, rows, slots, rule, mass, p_threshold, finish)
@@ -702,27 +710,44 @@ def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
             tier = functools.partial(
                 _tier_by_blocks, rows, slots, rule, mass, p_threshold, finish, try_here
             )
-        shapes = jax.eval_shape(
-            lambda: _finished(finish, rows, _no_candidates(rows_n, slots), None)
-        )
-        fallback = TierOutcome(zeros, zeros > 0, zeros, zeros > 0,
-                               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+        fallback = TierOutcome(zeros, zeros > 0, zeros, zeros > 0, no_finish(slots))
         # The wider tiers search by loops of 32 steps: behind a branch even off the CPU.
         found = run_if(jnp.any(try_here), tier, fallback, costly=i > 0)
         answered = try_here & found.certified
-        used.append(answered)
-        finished.append(found.finished)
-        thresholds.append(found.threshold)
         needed = jnp.where(try_here, jnp.maximum(needed, found.needed), needed)
         hopeless = try_here & ~found.proved & mass_cut
-        left = left & ~answered & ~hopeless
-    left = filtered & ~functools.reduce(jnp.logical_or, used)
-    full = run_if(
-        jnp.any(left),
-        lambda: full_thresholds(rows, rule, left),
+        return answered, found.finished, found.threshold, needed, left & ~answered & ~hopeless
+
+    first_used, first_finished, first_threshold, needed, left = run_tier(0, widths[0], left, needed)
+
+    def wider():
+        """The wider tiers, then the bisection over the vocabulary for the rows left."""
+        outcomes, left_now, needed_now = [], left, needed
+        for i, slots in enumerate(widths[1:], 1):
+            answered, done, cut, needed_now, left_now = run_tier(i, slots, left_now, needed_now)
+            outcomes.append((answered, done, cut))
+        unanswered = filtered & ~functools.reduce(
+            jnp.logical_or, [first_used, *(answered for answered, _, _ in outcomes)]
+        )
+        full = run_if(
+            jnp.any(unanswered),
+            lambda: full_thresholds(rows, rule, unanswered),
+            jnp.full((rows_n,), LOWEST),
+            costly=True,  # up to 64 passes over the logits
+        )
+        return tuple(outcomes), full
+
+    # One branch for everything after the first tier, which usually answers every row: its
+    # tiers' and the bisection's own branches are a dozen small operations each.
+    skipped = (
+        tuple((zeros > 0, no_finish(slots), zeros) for slots in widths[1:]),
         jnp.full((rows_n,), LOWEST),
-        costly=True,  # up to 64 passes over the logits
     )
+    outcomes, full = run_if(jnp.any(filtered & ~first_used), wider, skipped, costly=True)
+    used = [first_used, *(answered for answered, _, _ in outcomes)]
+    finished = [first_finished, *(done for _, done, _ in outcomes)]
+    thresholds = [first_threshold, *(cut for _, _, cut in outcomes)]
+    left = filtered & ~functools.reduce(jnp.logical_or, used)
     threshold = jnp.where(left, full, LOWEST)
     for tier_cut, use in zip(reversed(thresholds), reversed(used)):
         threshold = jnp.where(use, tier_cut, threshold)
