@@ -702,7 +702,7 @@ def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def run_tier(i, slots, left, needed):
-        """Tier ``i`` on the rows that try it: (rows answered, finished, thresholds, needed, left)."""
+        """Tier ``i`` on the rows that try it: (rows answered, finished, threshold, needed, left)."""
         try_here = left & (start <= i) & (needed <= slots)
         if i == 0:
             tier = functools.partial(_tier, rows, slots, rule, mass, p_threshold, finish)
@@ -735,19 +735,20 @@ def resolve(rows: Rows, rule: str, count: int, finish=None) -> Resolution:
             jnp.full((rows_n,), LOWEST),
             costly=True,  # up to 64 passes over the logits
         )
-        return tuple(outcomes), full
+        return tuple(outcomes), unanswered, full
 
     # One branch for everything after the first tier, which usually answers every row: its
-    # tiers' and the bisection's own branches are a dozen small operations each.
+    # tiers' and the bisection's own branches are a dozen small operations each. Skipped, no
+    # filtered row is left unanswered.
     skipped = (
         tuple((zeros > 0, no_finish(slots), zeros) for slots in widths[1:]),
+        zeros > 0,
         jnp.full((rows_n,), LOWEST),
     )
-    outcomes, full = run_if(jnp.any(filtered & ~first_used), wider, skipped, costly=True)
+    outcomes, left, full = run_if(jnp.any(filtered & ~first_used), wider, skipped, costly=True)
     used = [first_used, *(answered for answered, _, _ in outcomes)]
     finished = [first_finished, *(done for _, done, _ in outcomes)]
     thresholds = [first_threshold, *(cut for _, _, cut in outcomes)]
-    left = filtered & ~functools.reduce(jnp.logical_or, used)
     threshold = jnp.where(left, full, LOWEST)
     for tier_cut, use in zip(reversed(thresholds), reversed(used)):
         threshold = jnp.where(use, tier_cut, threshold)
